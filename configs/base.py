@@ -1,0 +1,213 @@
+"""Shared defaults for every isdaa-jax experiment.
+
+Not run by itself: the experiment files (`hh.py`, `tldr.py`, `ultrafeedback.py`, `tiny.py`,
+`lab.py`) start from `get_config()` here and change what differs. Every key the library reads is
+defined here, once, with its default and a comment; library code never supplies a default of its
+own (`cfg.get(key, default)` is not used), so this file is the documentation of the keys.
+"""
+
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The Llama architecture and how it runs (read by `isdaa_jax.model`)."""
+  m = ml_collections.ConfigDict()
+  # Hugging Face folder or hub id of the starting checkpoint. '' starts from random weights with
+  # the architecture below (or `preset`); a path overrides both with its config.json.
+  m.path = ''
+  # '' uses the fields below; else one of LlamaConfig.PRESETS ('tiny', 'llama3.2-1b',
+  # 'llama3.2-3b', 'llama3.1-8b', 'llama3.1-70b').
+  m.preset = ''
+  m.vocab_size = 512
+  m.hidden_size = 64
+  m.intermediate_size = 176
+  m.num_layers = 2
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 16
+  m.rope_theta = 10000.0
+  # Llama-3 frequency scaling; rope_type '' (or 'default') disables it.
+  m.rope_scaling = ml_collections.ConfigDict(dict(
+      rope_type='',
+      factor=8.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=8192,
+  ))
+  m.rms_norm_eps = 1e-5
+  m.tie_word_embeddings = True
+  m.max_position_embeddings = 2048
+  # Parameter storage and matmul compute dtypes; softmax and log-probs always run in float32.
+  m.param_dtype = 'float32'
+  m.dtype = 'float32'
+  # Rematerialization of each decoder block: 'none', 'full' (recompute the block) or 'dots'
+  # (keep matmul outputs, recompute the rest).
+  m.remat = 'none'
+  # Scan over layers: compile time stays flat for deep models.
+  m.scan_layers = False
+  # Attention kernel: 'xla' (plain softmax attention, any platform), 'cudnn' (fused, GPU only) or
+  # 'blocked' (pure-JAX blocked attention that never builds the T x T matrix).
+  m.attention = 'xla'
+  # Sequence chunk of the vocabulary projection in log-prob computation, so [B, T, V] float32
+  # logits are never materialized at once. 0 disables chunking.
+  m.logprob_chunk_size = 128
+  return m
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Where pairs come from and how they are tokenized and batched (read by `isdaa_jax.data`)."""
+  d = ml_collections.ConfigDict()
+  # 'hh', 'tldr', 'ultrafeedback', 'pairs' (generic prompt/chosen/rejected) or 'synthetic'.
+  d.source = 'synthetic'
+  # Local file or folder (.jsonl, .jsonl.gz, .json, .parquet, or a saved HF dataset). Takes
+  # precedence over `hub_id`.
+  d.path = ''
+  # Hugging Face hub dataset id, with `hub_subset` (data_dir) and the split names below.
+  d.hub_id = ''
+  d.hub_subset = ''
+  d.train_split = 'train'
+  d.eval_split = 'test'
+  # Held-out pairs taken from the training data when the eval split is absent (0 = none).
+  d.eval_holdout = 0
+  # Tokenizer folder or hub id; '' uses the model's (`model.path`).
+  d.tokenizer = ''
+  # 'auto' uses the tokenizer's chat template when it has one, else the plain format;
+  # 'plain' always uses the plain "Human: ... Assistant: ..." format.
+  d.chat_format = 'auto'
+  d.max_length = 512
+  d.max_prompt_length = 256
+  # Sequence lengths that batches are padded to (each batch takes the smallest that fits).
+  d.length_buckets = (128, 256, 512)
+  # Global batch size in pairs (split across JAX processes and data-parallel devices).
+  d.batch_size = 8
+  d.shuffle_seed = 0
+  d.num_epochs = 1
+  # Grain worker processes (0 = in-process).
+  d.worker_count = 0
+  d.worker_buffer_size = 2
+  # Row limit after parsing (0 = all), for quick runs.
+  d.max_examples = 0
+  # Synthetic source (source='synthetic'): number of pairs and token-length ranges.
+  d.synthetic = ml_collections.ConfigDict(dict(
+      num_pairs=256,
+      prompt_length=(8, 24),
+      response_length=(4, 16),
+  ))
+  return d
+
+
+def loss_config() -> ml_collections.ConfigDict:
+  """The DAA and the importance weight (read by `isdaa_jax.losses.daa_loss`)."""
+  l = ml_collections.ConfigDict()
+  # 'dpo', 'ipo', 'hinge', 'rdpo', 'simpo', 'alphapo' or 'chipo'.
+  l.name = 'dpo'
+  l.beta = 0.1
+  # Target margin of SimPO and AlphaPO.
+  l.gamma = 0.0
+  # AlphaPO's reward shape; alpha -> 0 gives SimPO.
+  l.alpha = 0.0
+  # cDPO label smoothing (dpo only).
+  l.label_smoothing = 0.0
+  # IPO on length-normalized log-ratios (TRL) instead of summed ones (IS-DAA authors' code).
+  l.ipo_length_normalize = False
+  # R-DPO's length penalty a in beta*delta - a*(n_w - n_l).
+  l.length_penalty = 0.0
+  # chi-PO clips the exponent of its link exp(u) + u at this value for stability.
+  l.chipo_clip = 20.0
+  # RPO's SFT term weight on the chosen response's NLL, and its normalization ('mean' | 'sum').
+  l.sft_weight = 0.0
+  l.sft_normalize = 'mean'
+  l.importance = ml_collections.ConfigDict(dict(
+      enabled=False,
+      # Upper clip of the log-weight is 2*eps; 0.25 is the authors' default (bound ~1.65).
+      eps=0.25,
+  ))
+  return l
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """AdamW, schedule, clipping, accumulation (read by `isdaa_jax.train`)."""
+  o = ml_collections.ConfigDict()
+  o.learning_rate = 5e-7
+  o.warmup_steps = 10
+  # Cosine decay ends at learning_rate * min_lr_ratio at train.num_steps.
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+  # Global-norm clipping (0 disables).
+  o.grad_clip_norm = 1.0
+  # Micro-batches per step; the global batch is split into this many equal parts.
+  o.grad_accum_steps = 1
+  return o
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh (read by `isdaa_jax.sharding`). -1 takes every device the others leave."""
+  s = ml_collections.ConfigDict()
+  s.data = 1
+  s.fsdp = -1
+  s.tensor = 1
+  return s
+
+
+def checkpoint_config() -> ml_collections.ConfigDict:
+  """Orbax checkpointing (read by `isdaa_jax.checkpoint`)."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 500
+  c.keep_last = 2
+  # Also keep the checkpoint with the lowest eval loss (needs train.eval_every > 0).
+  c.keep_best = True
+  c.async_save = True
+  # Write the final policy as Hugging Face safetensors to WORKDIR/hf.
+  c.export_hf = True
+  return c
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """The loop (read by `isdaa_jax.train`)."""
+  t = ml_collections.ConfigDict()
+  t.num_steps = 1000
+  t.log_every = 10
+  # Held-out evaluation every N steps (0 = never) over at most eval_batches batches.
+  t.eval_every = 200
+  t.eval_batches = 16
+  # Peak FLOP/s of one device for MFU; 0 measures a large matmul at start-up.
+  t.peak_flops_per_device = 0.0
+  # Reference log-probs come in the batch (precomputed by `isdaa_jax.score`); no reference
+  # model is held.
+  t.precomputed_reference = False
+  # Reference checkpoint; '' uses the policy's starting weights.
+  t.reference_path = ''
+  t.tensorboard = True
+  t.progress_bar = True
+  return t
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  """Multi-host start-up (read by `isdaa_jax.distributed`)."""
+  d = ml_collections.ConfigDict()
+  # 'auto' initializes when the environment says so (TPU VM, SLURM, JAX_COORDINATOR_ADDRESS);
+  # 'on' always; 'off' never.
+  d.initialize = 'auto'
+  d.coordinator_address = ''
+  d.num_processes = 0
+  d.process_id = -1
+  # 'gloo' lets several CPU processes run collectives (tests, simulated hosts).
+  d.cpu_collectives = ''
+  return d
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = model_config()
+  config.data = data_config()
+  config.loss = loss_config()
+  config.optimizer = optimizer_config()
+  config.mesh = mesh_config()
+  config.checkpoint = checkpoint_config()
+  config.train = train_config()
+  config.distributed = distributed_config()
+  return config

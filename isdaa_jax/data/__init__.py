@@ -1,0 +1,1 @@
+"""Preference-pair sources, tokenization and the Grain input pipeline."""
