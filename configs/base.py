@@ -175,9 +175,10 @@ def train_config() -> ml_collections.ConfigDict:
   t.eval_batches = 16
   # Peak FLOP/s of one device for MFU; 0 measures a large matmul at start-up.
   t.peak_flops_per_device = 0.0
-  # Reference log-probs come in the batch (precomputed by `isdaa_jax.score`); no reference
-  # model is held.
-  t.precomputed_reference = False
+  # Where reference log-probs come from: 'model' (a frozen reference model runs in the step),
+  # 'precomputed' (columns of the data, written by `isdaa_jax.score`; no reference model is held)
+  # or 'none' (reference-free losses simpo/alphapo without importance weighting).
+  t.reference = 'model'
   # Reference checkpoint; '' uses the policy's starting weights.
   t.reference_path = ''
   t.tensorboard = True
@@ -210,4 +211,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = checkpoint_config()
   config.train = train_config()
   config.distributed = distributed_config()
+  # Locked: assigning a key that does not exist (a typo in an experiment file or an override)
+  # fails at once instead of being silently ignored. Add new sections under `config.unlocked()`.
+  config.lock()
   return config

@@ -1,0 +1,177 @@
+"""Direct Alignment Algorithm losses, the IS-DAA importance weight, and their metrics.
+
+Pure functions of per-sequence log-probabilities: no model, no I/O. Everything is jit-able,
+vmap-able and differentiable. bfloat16 (and float16) inputs are computed in float32; float64 inputs
+(with jax_enable_x64) stay float64.
+
+Notation (per preference pair, log-probs summed over response tokens):
+  u_w = lp_w - rp_w, u_l = lp_l - rp_l, delta = u_w - u_l, a_y = lp_y / n_y.
+
+The formulas are those of ARCHITECTURE.md section 2; `daa_loss` is the public entry point.
+"""
+
+from typing import Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+LOSS_NAMES = ('dpo', 'ipo', 'hinge', 'rdpo', 'simpo', 'alphapo', 'chipo')
+# Losses that do not use the reference inside the loss itself (the importance weight still does).
+REFERENCE_FREE = ('simpo', 'alphapo')
+
+# exp() arguments are clipped here: float32 overflows just above 88, and the clip only binds for
+# log-ratios (chi-PO) or scaled mean log-probs (AlphaPO) far outside anything training produces.
+_MAX_EXPONENT = 50.0
+
+
+class PairLogps(NamedTuple):
+  """Per-pair summed log-probs over response tokens, each of shape [B].
+
+  `behavior_*` are the log-probs of the policy that generated the data; None means the reference
+  is the behavior policy. The SFT term needs no extra input: NLL(y_w) is -policy_chosen (summed) or
+  -policy_chosen / chosen_tokens (token mean).
+  """
+  policy_chosen: jax.Array
+  policy_rejected: jax.Array
+  reference_chosen: jax.Array
+  reference_rejected: jax.Array
+  chosen_tokens: jax.Array
+  rejected_tokens: jax.Array
+  behavior_chosen: Optional[jax.Array] = None
+  behavior_rejected: Optional[jax.Array] = None
+
+
+class LossOutput(NamedTuple):
+  loss: jax.Array  # scalar: mean(weights * per_example) + sft_weight * mean(sft NLL)
+  per_example: jax.Array  # [B] DAA loss before weighting
+  weights: jax.Array  # [B] importance weights (ones when disabled), no gradient
+  metrics: Mapping[str, jax.Array]  # scalars
+
+
+def _f32(x):
+  """Floats narrower than 32 bits (and integer counts) compute in float32; float64 stays float64."""
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits >= 32:
+    return x
+  return x.astype(jnp.float32)
+
+
+def _neg_log_sigmoid(x):
+  # softplus(-x) == -log(sigmoid(x)), stable for |x| of any size.
+  return jax.nn.softplus(-x)
+
+
+def alphapo_reward(mean_logp, alpha: float):
+  """AlphaPO's reward (1 - exp(-alpha * a)) / alpha; exactly `a` at alpha == 0.
+
+  expm1 keeps tiny alpha accurate (no cancellation), so the reward is continuous at alpha -> 0.
+  """
+  if alpha == 0.0:
+    return mean_logp
+  exponent = jnp.minimum(-alpha * mean_logp, _MAX_EXPONENT)
+  return -jnp.expm1(exponent) / alpha
+
+
+def chipo_link(u):
+  """chi-PO's link phi(u) = exp(u) + u (mixed chi-squared + KL), exponent clipped for stability."""
+  return jnp.exp(jnp.minimum(u, _MAX_EXPONENT)) + u
+
+
+def importance_weight(logps: PairLogps, eps: float):
+  """w = stop_gradient(exp(min((lp_w - mu_w) + (lp_l - mu_l), 2 eps))), and the unclipped log-ratio.
+
+  mu is the behavior policy when the data carries its log-probs, else the reference.
+  """
+  mu_w = logps.reference_chosen if logps.behavior_chosen is None else logps.behavior_chosen
+  mu_l = logps.reference_rejected if logps.behavior_rejected is None else logps.behavior_rejected
+  log_ratio = (_f32(logps.policy_chosen) - _f32(mu_w)) + (_f32(logps.policy_rejected) - _f32(mu_l))
+  log_ratio = jax.lax.stop_gradient(log_ratio)
+  return jnp.exp(jnp.minimum(log_ratio, 2.0 * eps)), log_ratio
+
+
+def per_pair_loss(logps: PairLogps, loss_config):
+  """The unweighted DAA loss of each pair, shape [B]."""
+  name = loss_config.name
+  beta = loss_config.beta
+  lp_w, lp_l = _f32(logps.policy_chosen), _f32(logps.policy_rejected)
+  rp_w, rp_l = _f32(logps.reference_chosen), _f32(logps.reference_rejected)
+  n_w, n_l = _f32(logps.chosen_tokens), _f32(logps.rejected_tokens)
+  # A response always holds at least EOS; the floor only guards padded dummy rows against 0/0.
+  n_w, n_l = jnp.maximum(n_w, 1.0), jnp.maximum(n_l, 1.0)
+  u_w, u_l = lp_w - rp_w, lp_l - rp_l
+  delta = u_w - u_l
+
+  if name == 'dpo':
+    e = loss_config.label_smoothing
+    return (1.0 - e) * _neg_log_sigmoid(beta * delta) + e * _neg_log_sigmoid(-beta * delta)
+  if name == 'ipo':
+    h = u_w / n_w - u_l / n_l if loss_config.ipo_length_normalize else delta
+    return jnp.square(h - 1.0 / (2.0 * beta))
+  if name == 'hinge':
+    return jax.nn.relu(1.0 - beta * delta)
+  if name == 'rdpo':
+    return _neg_log_sigmoid(beta * delta - loss_config.length_penalty * (n_w - n_l))
+  if name == 'simpo':
+    return _neg_log_sigmoid(beta * (lp_w / n_w - lp_l / n_l) - loss_config.gamma)
+  if name == 'alphapo':
+    r_w = alphapo_reward(lp_w / n_w, loss_config.alpha)
+    r_l = alphapo_reward(lp_l / n_l, loss_config.alpha)
+    return _neg_log_sigmoid(beta * (r_w - r_l) - loss_config.gamma)
+  if name == 'chipo':
+    return _neg_log_sigmoid(beta * (chipo_link(u_w) - chipo_link(u_l)))
+  raise ValueError(f'unknown loss.name {name!r}; choose one of {", ".join(LOSS_NAMES)}')
+
+
+def sft_nll(logps: PairLogps, normalize: str):
+  """Per-pair NLL of the chosen response: summed, or the mean over its tokens."""
+  nll = -_f32(logps.policy_chosen)
+  if normalize == 'sum':
+    return nll
+  if normalize == 'mean':
+    return nll / jnp.maximum(_f32(logps.chosen_tokens), 1.0)
+  raise ValueError(f"loss.sft_normalize must be 'mean' or 'sum', got {normalize!r}")
+
+
+def daa_loss(logps: PairLogps, loss_config) -> LossOutput:
+  """The (importance-weighted) DAA loss of a batch of pairs, with TRL-style metrics.
+
+  `loss_config` is `config.loss`: name, beta, gamma, alpha, label_smoothing, ipo_length_normalize,
+  length_penalty, sft_weight, sft_normalize, importance.enabled, importance.eps.
+  """
+  per_example = per_pair_loss(logps, loss_config)
+  if loss_config.importance.enabled:
+    weights, log_ratio = importance_weight(logps, loss_config.importance.eps)
+    clipped = log_ratio > 2.0 * loss_config.importance.eps
+  else:
+    weights = jnp.ones_like(per_example)
+    clipped = jnp.zeros(per_example.shape, bool)
+  loss = jnp.mean(weights * per_example)
+
+  metrics = pair_metrics(logps, loss_config.beta)
+  metrics['loss/daa'] = jnp.mean(per_example)
+  if loss_config.sft_weight:
+    nll = jnp.mean(sft_nll(logps, loss_config.sft_normalize))
+    loss = loss + loss_config.sft_weight * nll
+    metrics['loss/sft'] = nll
+  metrics.update({
+      'is/weight_mean': jnp.mean(weights),
+      'is/weight_max': jnp.max(weights),
+      'is/clipped_frac': jnp.mean(clipped.astype(jnp.float32)),
+      'is/ess': jnp.square(jnp.sum(weights)) / jnp.sum(jnp.square(weights)),
+  })
+  return LossOutput(loss=loss, per_example=per_example, weights=weights, metrics=metrics)
+
+
+def pair_metrics(logps: PairLogps, beta: float) -> dict[str, jax.Array]:
+  """Implicit-reward and log-prob metrics named as TRL names them."""
+  lp_w, lp_l = _f32(logps.policy_chosen), _f32(logps.policy_rejected)
+  u_w = lp_w - _f32(logps.reference_chosen)
+  u_l = lp_l - _f32(logps.reference_rejected)
+  return {
+      'rewards/chosen': jnp.mean(beta * u_w),
+      'rewards/rejected': jnp.mean(beta * u_l),
+      'rewards/margins': jnp.mean(beta * (u_w - u_l)),
+      'rewards/accuracies': jnp.mean((u_w > u_l).astype(jnp.float32)),
+      'logps/chosen': jnp.mean(lp_w),
+      'logps/rejected': jnp.mean(lp_l),
+  }
