@@ -1,0 +1,140 @@
+"""Validation of experiment configs: wrong values and incompatible settings become one sentence.
+
+Unknown keys never get this far: `configs/base.get_config()` returns a locked ConfigDict, so a
+typo in an experiment file or a `--config.x=y` override fails where it is written, and
+ml_collections keeps each key's type. `validate` checks what types cannot: ranges, choices and
+combinations.
+"""
+
+import ml_collections
+
+from isdaa_jax.losses import LOSS_NAMES, REFERENCE_FREE
+DATA_SOURCES = ('hh', 'tldr', 'ultrafeedback', 'pairs', 'synthetic')
+DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config value the user must change; the message says which and how."""
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def _choice(value, choices, key: str):
+  _require(value in choices,
+           f'{key}={value!r} is not one of {", ".join(map(repr, choices))}; set --{key}=...')
+
+
+def validate_loss(loss: ml_collections.ConfigDict):
+  _choice(loss.name, LOSS_NAMES, 'config.loss.name')
+  _require(loss.beta > 0,
+           f'config.loss.beta must be > 0 for {loss.name} (got {loss.beta})'
+           + ('; IPO targets a margin of 1/(2*beta)' if loss.name == 'ipo' else ''))
+  _require(0.0 <= loss.label_smoothing < 0.5,
+           f'config.loss.label_smoothing must be in [0, 0.5), got {loss.label_smoothing}')
+  _require(loss.label_smoothing == 0.0 or loss.name == 'dpo',
+           f'config.loss.label_smoothing applies to dpo only; set it to 0 for {loss.name}')
+  _require(loss.length_penalty == 0.0 or loss.name == 'rdpo',
+           f'config.loss.length_penalty applies to rdpo only; set it to 0 for {loss.name} or use '
+           'config.loss.name=rdpo')
+  _require(loss.alpha == 0.0 or loss.name == 'alphapo',
+           f'config.loss.alpha applies to alphapo only; set it to 0 for {loss.name}')
+  _require(loss.sft_weight >= 0.0, f'config.loss.sft_weight must be >= 0, got {loss.sft_weight}')
+  _choice(loss.sft_normalize, ('mean', 'sum'), 'config.loss.sft_normalize')
+  _require(loss.importance.eps > 0.0,
+           f'config.loss.importance.eps must be > 0 (the weight is clipped at exp(2*eps)), '
+           f'got {loss.importance.eps}')
+
+
+def validate_model(model: ml_collections.ConfigDict):
+  _choice(model.param_dtype, DTYPES, 'config.model.param_dtype')
+  _choice(model.dtype, DTYPES, 'config.model.dtype')
+  _choice(model.remat, ('none', 'full', 'dots'), 'config.model.remat')
+  _choice(model.attention, ('xla', 'blocked', 'cudnn'), 'config.model.attention')
+  _require(model.logprob_chunk_size >= 0,
+           f'config.model.logprob_chunk_size must be >= 0 (0 = no chunking), '
+           f'got {model.logprob_chunk_size}')
+  if not model.path and not model.preset:
+    _require(model.num_heads % model.num_kv_heads == 0,
+             f'config.model.num_heads ({model.num_heads}) must be a multiple of '
+             f'config.model.num_kv_heads ({model.num_kv_heads})')
+    for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+                'num_kv_heads', 'head_dim'):
+      _require(model[key] > 0, f'config.model.{key} must be > 0, got {model[key]}')
+
+
+def validate_data(data: ml_collections.ConfigDict):
+  _choice(data.source, DATA_SOURCES, 'config.data.source')
+  _choice(data.chat_format, ('auto', 'plain'), 'config.data.chat_format')
+  if data.source != 'synthetic':
+    _require(bool(data.path or data.hub_id),
+             f'config.data.source={data.source!r} needs a local file (config.data.path) or a hub '
+             'dataset (config.data.hub_id)')
+  _require(data.batch_size > 0, f'config.data.batch_size must be > 0, got {data.batch_size}')
+  _require(0 < data.max_prompt_length < data.max_length,
+           f'config.data.max_prompt_length ({data.max_prompt_length}) must be positive and '
+           f'smaller than config.data.max_length ({data.max_length})')
+  buckets = tuple(data.length_buckets)
+  _require(bool(buckets) and all(b > 0 for b in buckets),
+           'config.data.length_buckets must be a non-empty tuple of positive lengths')
+  _require(max(buckets) >= data.max_length,
+           f'the largest of config.data.length_buckets ({max(buckets)}) must be >= '
+           f'config.data.max_length ({data.max_length}) so every kept pair fits a bucket')
+  _require(data.num_epochs > 0, f'config.data.num_epochs must be > 0, got {data.num_epochs}')
+  _require(data.worker_count >= 0,
+           f'config.data.worker_count must be >= 0, got {data.worker_count}')
+
+
+def validate_optimizer(opt: ml_collections.ConfigDict, batch_size: int):
+  _require(opt.learning_rate > 0,
+           f'config.optimizer.learning_rate must be > 0, got {opt.learning_rate}')
+  _require(opt.warmup_steps >= 0,
+           f'config.optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}')
+  _require(0.0 <= opt.min_lr_ratio <= 1.0,
+           f'config.optimizer.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}')
+  _require(opt.grad_clip_norm >= 0,
+           f'config.optimizer.grad_clip_norm must be >= 0 (0 disables), got {opt.grad_clip_norm}')
+  _require(opt.grad_accum_steps >= 1,
+           f'config.optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}')
+  _require(batch_size % opt.grad_accum_steps == 0,
+           f'config.data.batch_size ({batch_size}) must be divisible by '
+           f'config.optimizer.grad_accum_steps ({opt.grad_accum_steps})')
+
+
+def validate_mesh(mesh: ml_collections.ConfigDict):
+  sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+  _require(all(s == -1 or s >= 1 for s in sizes),
+           f'config.mesh sizes must be >= 1 or -1 (fill), got data={mesh.data} fsdp={mesh.fsdp} '
+           f'tensor={mesh.tensor}')
+  _require(sum(s == -1 for s in sizes) <= 1,
+           'at most one of config.mesh.data/fsdp/tensor may be -1 (take the remaining devices)')
+
+
+def validate_reference(train: ml_collections.ConfigDict, loss: ml_collections.ConfigDict):
+  _choice(train.reference, ('model', 'precomputed', 'none'), 'config.train.reference')
+  if train.reference == 'none':
+    _require(not loss.importance.enabled,
+             'importance weighting needs reference (or behavior) log-probs: set '
+             "config.train.reference='model' or 'precomputed', or "
+             'config.loss.importance.enabled=False')
+    _require(loss.name in REFERENCE_FREE,
+             f"config.loss.name={loss.name!r} needs reference log-probs: set "
+             "config.train.reference='model' or 'precomputed' (only simpo and alphapo are "
+             'reference-free)')
+
+
+def validate(config: ml_collections.ConfigDict):
+  """Raises ConfigError with one sentence for the first problem found."""
+  validate_model(config.model)
+  validate_data(config.data)
+  validate_loss(config.loss)
+  validate_optimizer(config.optimizer, config.data.batch_size)
+  validate_mesh(config.mesh)
+  validate_reference(config.train, config.loss)
+  _require(config.train.num_steps > 0,
+           f'config.train.num_steps must be > 0, got {config.train.num_steps}')
+  _require(config.checkpoint.keep_last >= 1,
+           f'config.checkpoint.keep_last must be >= 1, got {config.checkpoint.keep_last}')
+  _choice(config.distributed.initialize, ('auto', 'on', 'off'), 'config.distributed.initialize')
