@@ -1,0 +1,1 @@
+"""The Llama model, its Hugging Face I/O and log-prob computation."""

@@ -1,0 +1,335 @@
+"""A Llama decoder in Flax NNX: RMSNorm, RoPE (default and Llama-3 scaling), GQA, SwiGLU.
+
+Parameters, with their Hugging Face names (W is HF's [out, in] Linear weight) and logical axes:
+
+  embed            [V, D]         model.embed_tokens.weight                  (vocab, embed)
+  layers.attn_norm [L, D]         model.layers.i.input_layernorm.weight      (layers, embed)
+  layers.wq        [L, D, H, Dh]  model.layers.i.self_attn.q_proj.weight: W.T.reshape(D, H, Dh)
+  layers.wk        [L, D, K, Dh]  model.layers.i.self_attn.k_proj.weight: W.T.reshape(D, K, Dh)
+  layers.wv        [L, D, K, Dh]  model.layers.i.self_attn.v_proj.weight: W.T.reshape(D, K, Dh)
+  layers.wo        [L, H, Dh, D]  model.layers.i.self_attn.o_proj.weight: W.T.reshape(H, Dh, D)
+  layers.mlp_norm  [L, D]         model.layers.i.post_attention_layernorm.weight
+  layers.w_gate    [L, D, F]      model.layers.i.mlp.gate_proj.weight: W.T
+  layers.w_up      [L, D, F]      model.layers.i.mlp.up_proj.weight: W.T
+  layers.w_down    [L, F, D]      model.layers.i.mlp.down_proj.weight: W.T
+  final_norm       [D]            model.norm.weight
+  lm_head          [D, V]         lm_head.weight: W.T (absent when embeddings are tied)
+
+The decoder blocks keep their parameters stacked on a leading `layers` axis, so one pure block
+function serves the unrolled loop, `jax.lax.scan` over layers, and rematerialization.
+RoPE rotates the two halves of each head (HF's rotate_half), not interleaved pairs.
+"""
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from isdaa_jax.model import attention as attention_lib
+
+Array = jax.Array
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_LLAMA3_ROPE = dict(rope_type='llama3', low_freq_factor=1.0, high_freq_factor=4.0,
+                    original_max_position_embeddings=8192)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture and execution policy of a Llama model."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  # None, or a dict with rope_type 'llama3', factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings.
+  rope_scaling: Optional[dict] = None
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 2048
+  param_dtype: str = 'float32'
+  dtype: str = 'float32'
+  remat: str = 'none'
+  scan_layers: bool = False
+  attention: str = 'xla'
+
+  PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+      'tiny': dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True,
+                   max_position_embeddings=512),
+      'llama3.2-1b': dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                          num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                          rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+                          tie_word_embeddings=True, max_position_embeddings=131072),
+      'llama3.2-3b': dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                          num_layers=28, num_heads=24, num_kv_heads=8, head_dim=128,
+                          rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=32.0),
+                          tie_word_embeddings=True, max_position_embeddings=131072),
+      'llama3.1-8b': dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                          num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                          rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=8.0),
+                          tie_word_embeddings=False, max_position_embeddings=131072),
+      'llama3.1-70b': dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                           num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
+                           rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE, factor=8.0),
+                           tie_word_embeddings=False, max_position_embeddings=131072),
+  }
+
+  @classmethod
+  def preset(cls, name: str, **overrides) -> 'LlamaConfig':
+    if name not in cls.PRESETS:
+      raise ValueError(f'unknown model preset {name!r}; choose one of {", ".join(cls.PRESETS)}')
+    return cls(**{**cls.PRESETS[name], **overrides})
+
+  @classmethod
+  def tiny(cls, **overrides):
+    return cls.preset('tiny', **overrides)
+
+  @classmethod
+  def llama3_2_1b(cls, **overrides):
+    return cls.preset('llama3.2-1b', **overrides)
+
+  @classmethod
+  def llama3_2_3b(cls, **overrides):
+    return cls.preset('llama3.2-3b', **overrides)
+
+  @classmethod
+  def llama3_1_8b(cls, **overrides):
+    return cls.preset('llama3.1-8b', **overrides)
+
+  @classmethod
+  def llama3_1_70b(cls, **overrides):
+    return cls.preset('llama3.1-70b', **overrides)
+
+  @classmethod
+  def from_model_config(cls, model_config) -> 'LlamaConfig':
+    """From `config.model`: a preset, or the explicit architecture fields (not `path`)."""
+    policy = execution_policy(model_config)
+    if model_config.preset:
+      return cls.preset(model_config.preset, **policy)
+    rs = model_config.rope_scaling
+    scaling = None
+    if rs.rope_type not in ('', 'default'):
+      scaling = dict(rope_type=rs.rope_type, factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+                     high_freq_factor=rs.high_freq_factor,
+                     original_max_position_embeddings=rs.original_max_position_embeddings)
+    return cls(
+        vocab_size=model_config.vocab_size, hidden_size=model_config.hidden_size,
+        intermediate_size=model_config.intermediate_size, num_layers=model_config.num_layers,
+        num_heads=model_config.num_heads, num_kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim, rope_theta=model_config.rope_theta, rope_scaling=scaling,
+        rms_norm_eps=model_config.rms_norm_eps,
+        tie_word_embeddings=model_config.tie_word_embeddings,
+        max_position_embeddings=model_config.max_position_embeddings, **policy)
+
+  @property
+  def compute_dtype(self):
+    return _DTYPES[self.dtype]
+
+  def num_params(self) -> int:
+    d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * d * f + 2 * d
+    head = 0 if self.tie_word_embeddings else d * self.vocab_size
+    return self.vocab_size * d + l * per_layer + d + head
+
+
+def execution_policy(model_config) -> dict:
+  """The fields of `config.model` that say how to run, not what the architecture is."""
+  return dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype,
+              remat=model_config.remat, scan_layers=model_config.scan_layers,
+              attention=model_config.attention)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> Array:
+  """Inverse frequencies [Dh/2], with Llama-3 wavelength-dependent scaling when configured."""
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32)
+                                       / cfg.head_dim))
+  rs = cfg.rope_scaling
+  if not rs or rs.get('rope_type', 'default') in ('default', ''):
+    return inv_freq
+  if rs['rope_type'] != 'llama3':
+    raise ValueError(f"rope_type {rs['rope_type']!r} is not supported; use 'llama3' or 'default'")
+  factor, low, high = rs['factor'], rs['low_freq_factor'], rs['high_freq_factor']
+  old_len = rs['original_max_position_embeddings']
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def rope_tables(cfg: LlamaConfig, positions_BT: Array):
+  """cos, sin of shape [B, T, Dh], computed in float32."""
+  freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
+  emb_BTD = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+  return jnp.cos(emb_BTD), jnp.sin(emb_BTD)
+
+
+def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
+  half = x_BTNH.shape[-1] // 2
+  x32 = x_BTNH.astype(jnp.float32)
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+  return out.astype(x_BTNH.dtype)
+
+
+def rms_norm(x_BTD: Array, weight_D: Array, eps: float) -> Array:
+  # Statistics in float32 whatever the compute dtype, as HF does.
+  x32 = x_BTD.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return weight_D.astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
+
+
+def _init(key, shape, dtype, fan_in):
+  return (jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+
+
+class DecoderLayers(nnx.Module):
+  """All decoder blocks, parameters stacked on a leading `layers` axis."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pd = _DTYPES[cfg.param_dtype]
+    p = lambda shape, axes, fan_in: nnx.Param(_init(rngs.params(), shape, pd, fan_in),
+                                              logical_axes=axes)
+    self.attn_norm = nnx.Param(jnp.ones((L, D), pd), logical_axes=('layers', 'embed'))
+    self.wq = p((L, D, H, Dh), ('layers', 'embed', 'q_heads', 'head_dim'), D)
+    self.wk = p((L, D, K, Dh), ('layers', 'embed', 'kv_heads', 'head_dim'), D)
+    self.wv = p((L, D, K, Dh), ('layers', 'embed', 'kv_heads', 'head_dim'), D)
+    self.wo = p((L, H, Dh, D), ('layers', 'q_heads', 'head_dim', 'embed'), H * Dh)
+    self.mlp_norm = nnx.Param(jnp.ones((L, D), pd), logical_axes=('layers', 'embed'))
+    self.w_gate = p((L, D, F), ('layers', 'embed', 'mlp'), D)
+    self.w_up = p((L, D, F), ('layers', 'embed', 'mlp'), D)
+    self.w_down = p((L, F, D), ('layers', 'mlp', 'embed'), F)
+
+  PARAM_NAMES: ClassVar[tuple[str, ...]] = (
+      'attn_norm', 'wq', 'wk', 'wv', 'wo', 'mlp_norm', 'w_gate', 'w_up', 'w_down')
+
+  def _block(self, x_BTD, p, cos, sin, mask, cache_kv=None, cache_index=None):
+    """One decoder block on per-layer params `p`; returns (x, (k, v)) with k, v the new cache."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    h = rms_norm(x_BTD, p['attn_norm'], cfg.rms_norm_eps)
+    q = jnp.einsum('btd,dnh->btnh', h, p['wq'].astype(dt))
+    k = jnp.einsum('btd,dkh->btkh', h, p['wk'].astype(dt))
+    v = jnp.einsum('btd,dkh->btkh', h, p['wv'].astype(dt))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache_kv is not None:
+      k_cache, v_cache = cache_kv
+      k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+    attn = attention_lib.attention(q, k.astype(dt), v.astype(dt), mask, cfg.attention)
+    x_BTD = x_BTD + jnp.einsum('btnh,nhd->btd', attn, p['wo'].astype(dt))
+    h = rms_norm(x_BTD, p['mlp_norm'], cfg.rms_norm_eps)
+    gate = jnp.einsum('btd,df->btf', h, p['w_gate'].astype(dt))
+    up = jnp.einsum('btd,df->btf', h, p['w_up'].astype(dt))
+    x_BTD = x_BTD + jnp.einsum('btf,fd->btd', jax.nn.silu(gate) * up, p['w_down'].astype(dt))
+    return x_BTD, (k, v)
+
+  def __call__(self, x_BTD, cos, sin, mask, cache=None, cache_index=None):
+    params = {name: getattr(self, name).value for name in self.PARAM_NAMES}
+
+    def block(x, p, kv):
+      return self._block(x, p, cos, sin, mask, kv, cache_index)
+
+    if self.cfg.remat != 'none':
+      block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.cfg.remat])
+    kv_all = None if cache is None else (cache['k'], cache['v'])
+
+    if self.cfg.scan_layers:
+      def step(x, xs):
+        p, kv = xs
+        x, new_kv = block(x, p, kv)
+        return x, (new_kv if cache is not None else None)
+      x_BTD, new_kv = jax.lax.scan(step, x_BTD, (params, kv_all))
+    else:
+      new_k, new_v = [], []
+      for i in range(self.cfg.num_layers):
+        p_i = {name: a[i] for name, a in params.items()}
+        kv_i = None if kv_all is None else (kv_all[0][i], kv_all[1][i])
+        x_BTD, (k, v) = block(x_BTD, p_i, kv_i)
+        new_k.append(k)
+        new_v.append(v)
+      new_kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
+    return x_BTD, new_kv
+
+
+class Llama(nnx.Module):
+  """Token ids -> final-norm hidden states [B, T, D]; `unembedding()` gives the [D, V] head."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = _DTYPES[cfg.param_dtype]
+    self.embed = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pd, 1.0),
+                           logical_axes=('vocab', 'embed'))
+    self.layers = DecoderLayers(cfg, rngs=rngs)
+    self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pd), logical_axes=('embed',))
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nnx.Param(
+          _init(rngs.params(), (cfg.hidden_size, cfg.vocab_size), pd, cfg.hidden_size),
+          logical_axes=('embed', 'vocab'))
+
+  def unembedding(self) -> Array:
+    """The output projection [D, V] (the transposed input embedding when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed.value.T
+    return self.lm_head.value
+
+  def __call__(self, input_ids_BT: Array, positions_BT: Array, segment_ids_BT: Array, *,
+               attention_mask_BTT: Optional[Array] = None) -> Array:
+    """Final-RMSNorm hidden states; attention stays within equal non-zero segments, causally.
+
+    `attention_mask_BTT` (True = may attend), when given, replaces the segment/causal mask
+    (prefix-shared layouts build their own).
+    """
+    if attention_mask_BTT is None:
+      attention_mask_BTT = attention_lib.segment_causal_mask(segment_ids_BT)
+    hidden, _ = self._forward(input_ids_BT, positions_BT, attention_mask_BTT)
+    return hidden
+
+  def _forward(self, input_ids_BT, positions_BT, mask, cache=None, cache_index=None):
+    cfg = self.cfg
+    x = jnp.take(self.embed.value, input_ids_BT, axis=0).astype(cfg.compute_dtype)
+    cos, sin = rope_tables(cfg, positions_BT)
+    x, new_kv = self.layers(x, cos, sin, mask, cache, cache_index)
+    return rms_norm(x, self.final_norm.value, cfg.rms_norm_eps), new_kv
+
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """An empty KV cache for `decode`: keys/values [L, B, S, K, Dh] and key segment ids [B, S]."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return dict(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
+                segment_ids=jnp.zeros((batch, max_len), jnp.int32))
+
+  def decode(self, input_ids_BT: Array, positions_BT: Array, segment_ids_BT: Array,
+             cache: dict, cache_index: Array) -> tuple[Array, dict]:
+    """Runs T new tokens written at cache slots [cache_index, cache_index + T).
+
+    Each new token attends causally (by slot) to every earlier non-padding slot. Used for a
+    prompt chunk (T = prompt length) and then one token at a time. Returns (hidden, new cache).
+    """
+    T = input_ids_BT.shape[1]
+    key_seg = jax.lax.dynamic_update_slice_in_dim(cache['segment_ids'], segment_ids_BT,
+                                                  cache_index, 1)
+    S = key_seg.shape[1]
+    q_slot = cache_index + jnp.arange(T)
+    causal = jnp.arange(S)[None, :] <= q_slot[:, None]  # [T, S]
+    mask = causal[None] & (key_seg[:, None, :] != 0) & (segment_ids_BT[:, :, None] != 0)
+    hidden, (k, v) = self._forward(input_ids_BT, positions_BT, mask, cache, cache_index)
+    return hidden, dict(k=k, v=v, segment_ids=key_seg)

@@ -1,0 +1,41 @@
+"""Log-probabilities of target tokens from final hidden states, chunked over the sequence.
+
+The full [B, T, V] float32 logits are never held: the vocabulary projection, log-softmax and the
+target gather run on sequence chunks inside `jax.lax.map`, each chunk rematerialized in the
+backward pass, so peak memory grows with B x chunk x V instead of B x T x V (Llama 3: V = 128256).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _chunk_logps(hidden_BCD, unembed_DV, targets_BC):
+  # Matmul in the compute dtype with float32 accumulation; log-softmax in float32.
+  logits = jnp.einsum('bcd,dv->bcv', hidden_BCD, unembed_DV.astype(hidden_BCD.dtype),
+                      preferred_element_type=jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
+  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_logps(hidden_BTD, unembed_DV, targets_BT, chunk_size: int):
+  """log p(targets[b, t] | prefix) as float32 [B, T]; chunk_size 0 computes in one piece."""
+  b, t, d = hidden_BTD.shape
+  if chunk_size <= 0 or t <= chunk_size:
+    return _chunk_logps(hidden_BTD, unembed_DV, targets_BT)
+  pad = (-t) % chunk_size
+  h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+  y = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+  n = (t + pad) // chunk_size
+  h_NBCD = h.reshape(b, n, chunk_size, d).swapaxes(0, 1)
+  y_NBC = y.reshape(b, n, chunk_size).swapaxes(0, 1)
+  # checkpoint: the backward pass recomputes each chunk's logits instead of storing them all.
+  chunk_fn = jax.checkpoint(lambda xs: _chunk_logps(xs[0], unembed_DV, xs[1]))
+  logps_NBC = jax.lax.map(chunk_fn, (h_NBCD, y_NBC))
+  return logps_NBC.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
+
+
+def sequence_logps(hidden_BTD, unembed_DV, targets_BT, loss_mask_BT, chunk_size: int):
+  """Summed log-probs over masked target tokens [B] and the number of those tokens [B]."""
+  logps_BT = token_logps(hidden_BTD, unembed_DV, targets_BT, chunk_size)
+  mask = loss_mask_BT.astype(jnp.float32)
+  return jnp.sum(logps_BT * mask, axis=-1), jnp.sum(mask, axis=-1)
