@@ -276,8 +276,10 @@ class Llama(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     pd = _DTYPES[cfg.param_dtype]
-    self.embed = nnx.Param(_init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pd, 1.0),
-                           logical_axes=('vocab', 'embed'))
+    # std 1/sqrt(D): tied output logits start O(1), so a random model is a broad distribution.
+    self.embed = nnx.Param(
+        _init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), pd, cfg.hidden_size),
+        logical_axes=('vocab', 'embed'))
     self.layers = DecoderLayers(cfg, rngs=rngs)
     self.final_norm = nnx.Param(jnp.ones((cfg.hidden_size,), pd), logical_axes=('embed',))
     if not cfg.tie_word_embeddings:
