@@ -93,7 +93,8 @@ def test_execution_policies_give_identical_outputs_and_grads(policy):
   g_ref = nnx.grad(loss)(model)
   g_new = nnx.grad(loss)(other)
   for a, b in zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_new)):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    # Float32 sums in another order (blocked softmax, scan): tolerance relative to the largest.
+    np.testing.assert_allclose(a, b, atol=1e-4 * float(jnp.max(jnp.abs(a))) + 1e-6, rtol=1e-4)
 
 
 def test_bfloat16_compute_close_to_float32():
