@@ -112,8 +112,6 @@ def loss_config() -> ml_collections.ConfigDict:
   l.ipo_length_normalize = False
   # R-DPO's length penalty a in beta*delta - a*(n_w - n_l).
   l.length_penalty = 0.0
-  # chi-PO clips the exponent of its link exp(u) + u at this value for stability.
-  l.chipo_clip = 20.0
   # RPO's SFT term weight on the chosen response's NLL, and its normalization ('mean' | 'sum').
   l.sft_weight = 0.0
   l.sft_normalize = 'mean'
