@@ -1,0 +1,83 @@
+"""Orbax checkpoints of the train state, the data iterator and the config.
+
+Each step directory holds `state` (step, params, optimizer state), `data` (the Grain iterator
+state, when the pipeline has one) and `config` (the resolved config as JSON). Orbax writes into a
+temporary directory and renames it when complete, so a process killed mid-save leaves no
+checkpoint behind; a checkpoint that is present but unreadable (a damaged disk, a truncated copy)
+is skipped with a warning and the previous one restored. Retention: the last `keep_last` plus,
+with `keep_best`, the one with the lowest eval loss.
+"""
+
+import pathlib
+from typing import Any, Optional
+
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  """No readable checkpoint could be restored."""
+
+
+def _policy(ckpt_config):
+  latest = ocp.checkpoint_managers.LatestN(n=ckpt_config.keep_last)
+  if not ckpt_config.keep_best:
+    return latest
+  best = ocp.checkpoint_managers.BestN(
+      get_metric_fn=lambda m: m['eval_loss'], reverse=True, n=1,
+      keep_checkpoints_without_metrics=False)
+  return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
+
+
+class Checkpointer:
+  """Saves and restores (state, data iterator, config) under WORKDIR/checkpoints."""
+
+  def __init__(self, workdir, ckpt_config, has_data_state: bool):
+    self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self._has_data = has_data_state
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=_policy(ckpt_config),
+        enable_async_checkpointing=ckpt_config.async_save,
+        create=True)
+    items = ('state', 'config') + (('data',) if has_data_state else ())
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+    if has_data_state:
+      import grain  # pylint: disable=g-import-not-at-top
+      handlers['data'] = grain.checkpoint.CheckpointHandler()
+    self._manager = ocp.CheckpointManager(self.directory, item_names=items, options=options,
+                                          item_handlers=handlers)
+
+  def save(self, step: int, state, data_iterator, config_json: dict,
+           eval_loss: Optional[float] = None, force: bool = False) -> bool:
+    args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json))
+    if self._has_data:
+      import grain  # pylint: disable=g-import-not-at-top
+      args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    metrics = None if eval_loss is None else {'eval_loss': float(eval_loss)}
+    return self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                              force=force)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def restore_latest(self, abstract_state, data_iterator) -> Optional[Any]:
+    """The newest readable checkpoint's state (iterator restored in place), or None if none."""
+    for step in reversed(self.all_steps()):
+      args = dict(state=ocp.args.StandardRestore(abstract_state))
+      if self._has_data:
+        import grain  # pylint: disable=g-import-not-at-top
+        args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the one '
+                        'before it', step, self.directory, type(e).__name__, e)
+        continue
+      return restored['state']
+    return None
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.close()

@@ -1,0 +1,408 @@
+"""The sharded IS-DAA train step and the training loop.
+
+`train_step(state, reference_params, batch) -> (state, metrics)` is pure and jitted once with
+explicit in/out shardings and the state donated. Chosen and rejected sequences go through the
+policy in one forward pass of batch 2B; the frozen reference (when held at all) runs in the same
+step without gradients. Gradient accumulation scans over equal micro-batches and gives the
+gradient of the full batch; metrics are computed on the full batch.
+"""
+
+import copy
+import dataclasses
+import functools
+import itertools
+import json
+import pathlib
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import logging
+from flax import nnx
+
+from isdaa_jax import losses, sharding
+from isdaa_jax.metrics_writer import MetricsWriter
+from isdaa_jax.model import logprobs
+from isdaa_jax.model.llama import Llama, LlamaConfig
+from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
+
+SIDES = ('chosen', 'rejected')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any  # pure dict of arrays (nnx.to_pure_dict of the policy)
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the jitted step needs to know, fixed at trace time."""
+  loss: Any  # config.loss
+  reference: str  # config.train.reference
+  logprob_chunk_size: int
+  grad_accum_steps: int
+
+
+def sequence_logps(graphdef, params, batch, chunk_size: int):
+  """Summed response log-probs and token counts of chosen and rejected, one forward of 2B."""
+  cat = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']], axis=0)
+  model = nnx.merge(graphdef, params)
+  hidden = model(cat('input_ids'), cat('positions'), cat('segment_ids'))
+  lp, n = logprobs.sequence_logps(hidden, model.unembedding(), cat('targets'), cat('loss_mask'),
+                                  chunk_size)
+  b = batch['chosen_input_ids'].shape[0]
+  return lp[:b], lp[b:], n[:b], n[b:]
+
+
+def pair_logps(graphdef, params, reference_params, batch, cfg: StepConfig) -> losses.PairLogps:
+  lp_w, lp_l, n_w, n_l = sequence_logps(graphdef, params, batch, cfg.logprob_chunk_size)
+  if cfg.reference == 'model':
+    rp_w, rp_l, _, _ = sequence_logps(graphdef, jax.lax.stop_gradient(reference_params), batch,
+                                      cfg.logprob_chunk_size)
+  elif cfg.reference == 'precomputed':
+    rp_w, rp_l = batch['reference_chosen_logps'], batch['reference_rejected_logps']
+  else:  # reference-free loss without importance weighting
+    rp_w, rp_l = jnp.zeros_like(lp_w), jnp.zeros_like(lp_l)
+  return losses.PairLogps(
+      policy_chosen=lp_w, policy_rejected=lp_l, reference_chosen=rp_w, reference_rejected=rp_l,
+      chosen_tokens=n_w, rejected_tokens=n_l,
+      behavior_chosen=batch.get('behavior_chosen_logps'),
+      behavior_rejected=batch.get('behavior_rejected_logps'))
+
+
+def _loss_and_logps(params, graphdef, reference_params, batch, cfg: StepConfig):
+  logps = pair_logps(graphdef, params, reference_params, batch, cfg)
+  return losses.daa_loss(logps, cfg.loss).loss, logps
+
+
+def _split_micro(batch, n):
+  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def _real_tokens(batch):
+  return sum(jnp.sum(batch[f'{s}_segment_ids'] > 0) for s in SIDES)
+
+
+def train_step(state: TrainState, reference_params, batch, *, graphdef, tx, schedule,
+               cfg: StepConfig):
+  grad_fn = jax.value_and_grad(_loss_and_logps, has_aux=True)
+  if cfg.grad_accum_steps == 1:
+    (_, logps), grads = grad_fn(state.params, graphdef, reference_params, batch, cfg)
+  else:
+    micro = _split_micro(batch, cfg.grad_accum_steps)
+
+    def body(acc, mb):
+      (_, lp), g = grad_fn(state.params, graphdef, reference_params, mb, cfg)
+      return jax.tree.map(jnp.add, acc, g), lp
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, logps = jax.lax.scan(body, zeros, micro)
+    # Equal micro-batches: the mean of their mean-losses' gradients is the full-batch gradient.
+    grads = jax.tree.map(lambda g: g / cfg.grad_accum_steps, grads)
+    logps = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), logps)
+  out = losses.daa_loss(logps, cfg.loss)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {
+      'loss': out.loss,
+      **out.metrics,
+      'grad_norm': optax.global_norm(grads),
+      'learning_rate': schedule(state.step),
+      'kl/policy_ref_chosen': jnp.mean(logps.policy_chosen - logps.reference_chosen),
+      'tokens': _real_tokens(batch).astype(jnp.float32),
+  }
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, reference_params, batch, *, graphdef, cfg: StepConfig):
+  out = losses.daa_loss(pair_logps(graphdef, params, reference_params, batch, cfg), cfg.loss)
+  return {'loss': out.loss, **out.metrics}
+
+
+@dataclasses.dataclass
+class Compiled:
+  """The jitted step functions and the shardings they were compiled for."""
+  train_step: Callable
+  eval_step: Callable
+  state_sharding: Any
+  reference_sharding: Any
+  batch_sharding: Any
+
+
+def param_shardings(abstract_model: nnx.Module, mesh) -> dict:
+  """Pure-dict NamedShardings of a model's parameters, from their logical axes."""
+  return nnx.to_pure_dict(sharding.state_shardings(nnx.state(abstract_model), mesh))
+
+
+def state_shardings(tx, abstract_state: TrainState, params_sharding, mesh) -> TrainState:
+  """Optimizer moments follow their parameters' shardings; scalars are replicated."""
+  rep = sharding.replicated(mesh)
+  opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, params_sharding,
+                              transform_non_params=lambda _: rep)
+  return TrainState(step=rep, params=params_sharding, opt_state=opt)
+
+
+def compile_steps(graphdef, tx, schedule, cfg: StepConfig, state_sharding, reference_sharding,
+                  batch_keys, mesh) -> Compiled:
+  bs = sharding.batch_sharding(mesh)
+  batch_sharding = {k: bs for k in batch_keys}
+  step = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg),
+      in_shardings=(state_sharding, reference_sharding, batch_sharding),
+      out_shardings=(state_sharding, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  evaluate = jax.jit(
+      functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
+      in_shardings=(state_sharding.params, reference_sharding, batch_sharding),
+      out_shardings=sharding.replicated(mesh))
+  return Compiled(step, evaluate, state_sharding, reference_sharding, batch_sharding)
+
+
+def flops_per_token(num_params: int, reference: str) -> float:
+  """Model FLOPs per real token: 6N for the policy's forward+backward, 2N more for a reference."""
+  return (8.0 if reference == 'model' else 6.0) * num_params
+
+
+def init_state(params, tx, state_sharding: TrainState) -> TrainState:
+  """A fresh state around already-placed params; the optimizer state is created sharded."""
+  @functools.partial(jax.jit, out_shardings=state_sharding)
+  def init(p):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+  return init(params)
+
+
+def describe_nonfinite(metrics: dict) -> Optional[str]:
+  bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(float(metrics[k]))]
+  return ', '.join(bad) if bad else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop.
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
+
+
+_PEAK_CACHE = {}
+
+
+def measure_peak_flops(n: int = 2048) -> float:
+  """FLOP/s of one device on a large matmul in the platform's training dtype (cached)."""
+  if 'peak' not in _PEAK_CACHE:
+    dtype = jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    reps = 3
+    start = time.perf_counter()
+    for _ in range(reps):
+      f(x).block_until_ready()
+    _PEAK_CACHE['peak'] = 2 * n**3 * reps / (time.perf_counter() - start)
+  return _PEAK_CACHE['peak']
+
+
+def build_policy(model_config, mesh, seed: int):
+  """(LlamaConfig, graphdef, params sharding, params) of the starting policy, placed sharded."""
+  if model_config.path:
+    from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+    model = hf.load_model(model_config.path, model_config, mesh)
+    cfg = model.cfg
+    graphdef = nnx.graphdef(model)
+    shardings = param_shardings(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))), mesh)
+    return cfg, graphdef, shardings, nnx.to_pure_dict(nnx.state(model))
+  cfg = LlamaConfig.from_model_config(model_config)
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))
+  shardings = param_shardings(abstract, mesh)
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)))),
+                   out_shardings=shardings)()
+  return cfg, nnx.graphdef(abstract), shardings, params
+
+
+def build_reference(config, mesh, policy_params, params_sharding):
+  """Frozen reference params ({} when no reference model is held)."""
+  if config.train.reference != 'model':
+    return {}
+  if config.train.reference_path:
+    ref_model_config = copy.deepcopy(config.model)
+    ref_model_config.path = config.train.reference_path
+    _, _, _, params = build_policy(ref_model_config, mesh, config.seed)
+    return params
+  # A separate copy: the policy's buffers are donated to the step.
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sharding)(
+      policy_params)
+
+
+class _SigtermFlag:
+  """Remembers a SIGTERM (TPU preemption) so the loop can checkpoint and exit cleanly."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning('SIGTERM received: checkpointing and exiting')
+    self.raised = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _to_host(metrics) -> dict:
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _evaluate(compiled, params, reference, eval_batches, mesh, max_batches: int) -> dict:
+  totals, count = {}, 0
+  for batch in itertools.islice(eval_batches(), max_batches):
+    m = _to_host(compiled.eval_step(params, reference, sharding.global_batch(batch, mesh)))
+    for k, v in m.items():
+      totals[k] = totals.get(k, 0.0) + v
+    count += 1
+  return {f'eval/{k}': v / count for k, v in totals.items()} if count else {}
+
+
+def run(config, workdir, step_hooks=()) -> TrainState:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the state.
+
+  `step_hooks`: (every, fn) pairs; fn(step, policy: nnx.Module) -> dict of scalars is called at
+  step 0, every `every` steps and at the last step, and its scalars are logged (used by the lab
+  for gold-reward / KL curves from one run).
+  """
+  from isdaa_jax import checkpoint, distributed  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  distributed.initialize(config.distributed)
+  mesh = sharding.make_mesh(config.mesh)
+  num_steps = config.train.num_steps
+
+  model_cfg, graphdef, params_sharding, params = build_policy(config.model, mesh, config.seed)
+  reference = build_reference(config, mesh, params, params_sharding)
+  reference_sharding = params_sharding if reference else {}
+  tx = make_optimizer(config.optimizer, num_steps)
+  schedule = learning_rate_schedule(config.optimizer, num_steps)
+  abstract_state = jax.eval_shape(
+      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+      params)
+  state_sharding = state_shardings(tx, abstract_state, params_sharding, mesh)
+
+  data = pipeline.build(config.data, model_path=config.model.path,
+                        vocab_size=model_cfg.vocab_size, seed=config.seed,
+                        batch_multiple=mesh.shape['data'] * mesh.shape['fsdp'])
+  checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True)
+  sharded_abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
+      state_sharding)
+  state = checkpointer.restore_latest(sharded_abstract, data.train)
+  if state is None:
+    state = init_state(params, tx, state_sharding)
+  else:
+    logging.info('resumed from step %d', int(state.step))
+  del params
+
+  cfg = StepConfig(loss=config.loss, reference=config.train.reference,
+                   logprob_chunk_size=config.model.logprob_chunk_size,
+                   grad_accum_steps=config.optimizer.grad_accum_steps)
+  compiled = compile_steps(graphdef, tx, schedule, cfg, state_sharding, reference_sharding,
+                           data.batch_keys, mesh)
+  writer = MetricsWriter(workdir, config.train.tensorboard)
+  peak = config.train.peak_flops_per_device or measure_peak_flops()
+  flops_tok = flops_per_token(model_cfg.num_params(), config.train.reference)
+  config_json = json.loads(config.to_json())
+  sigterm = _SigtermFlag()
+  start = int(state.step)
+  bar = tqdm.tqdm(total=num_steps, initial=start, disable=not config.train.progress_bar
+                  or jax.process_index() != 0, desc='train')
+
+  def run_hooks(step):
+    scalars = {}
+    for every, fn in step_hooks:
+      if step % every == 0 or step == num_steps:
+        scalars.update(fn(step, nnx.merge(graphdef, state.params)))
+    if scalars:
+      writer.write(step, scalars, tensorboard=True)
+
+  def log(step, metrics, seconds):
+    nonlocal last_good_step
+    bad = describe_nonfinite(metrics)
+    if bad:
+      raise TrainingDiverged(
+          f'{bad} became non-finite at step {step}; the last good checkpoint (step '
+          f'{last_good_step}) in {checkpointer.directory} is intact — lower '
+          'config.optimizer.learning_rate or check the data, then rerun to resume from it')
+    tokens_s = metrics['tokens'] / max(seconds, 1e-9)
+    metrics['perf/tokens_per_s'] = tokens_s
+    metrics['perf/model_flops_per_s'] = flops_tok * tokens_s
+    metrics['perf/mfu'] = flops_tok * tokens_s / (peak * jax.device_count())
+    metrics['perf/step_seconds'] = seconds
+    writer.write(step, metrics, tensorboard=step % config.train.log_every == 0)
+    bar.set_postfix(loss=f'{metrics["loss"]:.4f}', refresh=False)
+
+  if start == 0:
+    run_hooks(0)
+  last_good_step = start
+  pending = None  # (step, device metrics) of the step before, pulled one step late
+  timer = time.perf_counter()
+  try:
+    for step in range(start + 1, num_steps + 1):
+      try:
+        local = next(data.train)
+      except StopIteration:
+        logging.warning('the training data ran out after step %d (config.data.num_epochs=%d)',
+                        step - 1, config.data.num_epochs)
+        break
+      state, metrics = compiled.train_step(state, reference,
+                                           sharding.global_batch(local, mesh))
+      if pending is not None:
+        now = time.perf_counter()
+        log(pending[0], _to_host(pending[1]), now - timer)
+        timer = now
+      pending = (step, metrics)
+      bar.update(1)
+      save_now = step % config.checkpoint.every_steps == 0 or step == num_steps or sigterm.raised
+      evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
+      hook_now = any(step % every == 0 or step == num_steps for every, _ in step_hooks)
+      if save_now or evaluate_now or hook_now:
+        # Synchronize: this step's metrics are checked before anything is saved or evaluated.
+        now = time.perf_counter()
+        log(step, _to_host(metrics), now - timer)
+        timer, pending = now, None
+        eval_loss = None
+        if evaluate_now:
+          scalars = _evaluate(compiled, state.params, reference, data.eval, mesh,
+                              config.train.eval_batches)
+          writer.write(step, scalars)
+          eval_loss = scalars.get('eval/loss')
+        run_hooks(step)
+        if save_now:
+          checkpointer.save(step, state, data.train, config_json, eval_loss=eval_loss,
+                            force=True)
+          last_good_step = step
+        if sigterm.raised:
+          break
+    if pending is not None:
+      log(pending[0], _to_host(pending[1]), time.perf_counter() - timer)
+  finally:
+    checkpointer.wait()
+    sigterm.restore()
+    bar.close()
+    writer.close()
+  if config.checkpoint.export_hf and not sigterm.raised and jax.process_index() == 0:
+    from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+    hf.save_model(nnx.merge(graphdef, state.params), workdir / 'hf')
+  checkpointer.close()
+  return state
