@@ -17,6 +17,12 @@ class ConfigError(ValueError):
   """A config value the user must change; the message says which and how."""
 
 
+# Errors a user causes (bad values, missing files, unreachable hub, malformed rows): the entry
+# points print their one-sentence message instead of a traceback. Library code raises these
+# types only with such a message.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
+
+
 def _require(ok: bool, message: str):
   if not ok:
     raise ConfigError(message)

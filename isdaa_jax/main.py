@@ -1,0 +1,41 @@
+"""Trains a policy: `python -m isdaa_jax.main --config=configs/hh.py --workdir=DIR`.
+
+Any config key can be overridden: `--config.loss.name=ipo --config.train.num_steps=200`.
+The resolved config is written to DIR/config.json; rerunning on the same DIR resumes.
+"""
+
+import json
+import pathlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from isdaa_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and exports go.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  from isdaa_jax import train  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
+
+  config = _CONFIG.value
+  workdir = pathlib.Path(_WORKDIR.value)
+  try:
+    config_lib.validate(config)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / 'config.json').write_text(json.dumps(json.loads(config.to_json()), indent=2))
+    train.run(config, workdir)
+  except config_lib.USER_ERRORS + (train.TrainingDiverged,) as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)
