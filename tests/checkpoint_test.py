@@ -1,0 +1,78 @@
+"""Checkpoints: round trip with the data iterator, retention, and falling back past a bad one."""
+
+import pathlib
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base
+from isdaa_jax import checkpoint
+
+
+def _ckpt_config(keep_last=2, keep_best=True):
+  c = base.checkpoint_config()
+  c.keep_last, c.keep_best, c.async_save = keep_last, keep_best, True
+  return c
+
+
+def _state(v):
+  return {'step': jnp.asarray(v, jnp.int32), 'params': {'w': jnp.full((3, 2), float(v))}}
+
+
+def _iterator():
+  return iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+
+
+def _abstract():
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _state(0))
+
+
+def test_round_trip_restores_state_and_iterator(tmp_path):
+  it = _iterator()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(), has_data_state=True)
+  for _ in range(5):
+    next(it)
+  ck.save(5, _state(5), it, {'seed': 1}, force=True)
+  ck.wait()
+  expected = [next(it) for _ in range(4)]
+  fresh = _iterator()
+  restored = checkpoint.Checkpointer(tmp_path, _ckpt_config(), True).restore_latest(
+      _abstract(), fresh)
+  assert int(restored['step']) == 5
+  np.testing.assert_array_equal(restored['params']['w'], np.full((3, 2), 5.0))
+  assert [next(fresh) for _ in range(4)] == expected
+
+
+def test_keeps_last_n_plus_best(tmp_path):
+  it = _iterator()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=2), True)
+  for step, loss in [(1, 0.9), (2, 0.3), (3, 0.8), (4, 0.7), (5, 0.6)]:
+    ck.save(step, _state(step), it, {}, eval_loss=loss, force=True)
+    ck.wait()
+  assert ck.all_steps() == [2, 4, 5]
+
+
+def test_unreadable_latest_falls_back_to_previous(tmp_path):
+  it = _iterator()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False), True)
+  for step in (1, 2):
+    ck.save(step, _state(step), it, {}, force=True)
+    ck.wait()
+  # Damage the newest checkpoint's state item.
+  state_dir = pathlib.Path(ck.directory) / '2' / 'state'
+  for f in state_dir.rglob('*'):
+    if f.is_file():
+      f.write_bytes(b'garbage')
+  restored = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False),
+                                     True).restore_latest(_abstract(), _iterator())
+  assert int(restored['step']) == 1
+  # The damaged checkpoint is left in place for inspection, never deleted or overwritten.
+  assert state_dir.exists()
+
+
+def test_no_checkpoint_gives_none(tmp_path):
+  assert checkpoint.Checkpointer(tmp_path, _ckpt_config(), True).restore_latest(
+      _abstract(), _iterator()) is None
