@@ -69,6 +69,9 @@ def data_config() -> ml_collections.ConfigDict:
   d.eval_split = 'test'
   # Held-out pairs taken from the training data when the eval split is absent (0 = none).
   d.eval_holdout = 0
+  # Local eval file or folder (read like `path`); '' takes `eval_split` from `path`'s folder or
+  # the hub. With a single-file `path` and no eval_path or eval_holdout there is no eval data.
+  d.eval_path = ''
   # Tokenizer folder or hub id; '' uses the model's (`model.path`).
   d.tokenizer = ''
   # 'auto' uses the tokenizer's chat template when it has one, else the plain format;
