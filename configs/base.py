@@ -62,9 +62,12 @@ def data_config() -> ml_collections.ConfigDict:
   # Local file or folder (.jsonl, .jsonl.gz, .json, .parquet, or a saved HF dataset). Takes
   # precedence over `hub_id`.
   d.path = ''
-  # Hugging Face hub dataset id, with `hub_subset` (data_dir) and the split names below.
+  # Hugging Face hub dataset id, with `hub_subset` (data_dir, e.g. 'harmless-base' of
+  # Anthropic/hh-rlhf; also the sub-folder of a local `path` folder), `hub_config` (the dataset's
+  # configuration name, e.g. 'comparisons' of openai/summarize_from_feedback) and the split names.
   d.hub_id = ''
   d.hub_subset = ''
+  d.hub_config = ''
   d.train_split = 'train'
   d.eval_split = 'test'
   # Held-out pairs taken from the training data when the eval split is absent (0 = none).
