@@ -24,6 +24,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from isdaa_jax import train  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
 
+  if not flags.FLAGS['verbosity'].present:
+    # Orbax and Grain log every save and worker at INFO; keep the console to warnings.
+    logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value)
   try:

@@ -300,14 +300,22 @@ def run(config, workdir, step_hooks=()) -> TrainState:
       params)
   state_sharding = state_shardings(tx, abstract_state, params_sharding, mesh)
 
-  data = pipeline.build(config.data, model_path=config.model.path,
-                        vocab_size=model_cfg.vocab_size, seed=config.seed,
-                        batch_multiple=mesh.shape['data'] * mesh.shape['fsdp'])
+  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.data.batch_size % data_parallel:
+    raise ValueError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
+                     f'data-parallel mesh size data*fsdp={data_parallel}')
+  data = pipeline.load(config.data, model_path=config.model.path,
+                       vocab_size=model_cfg.vocab_size)
+  train_iterator = pipeline.train_iterator(data.train, config.data)
+
+  def eval_batches():
+    return iter(()) if data.eval is None else pipeline.eval_iterator(data.eval, config.data)
+
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True)
   sharded_abstract = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
       state_sharding)
-  state = checkpointer.restore_latest(sharded_abstract, data.train)
+  state = checkpointer.restore_latest(sharded_abstract, train_iterator)
   if state is None:
     state = init_state(params, tx, state_sharding)
   else:
@@ -317,8 +325,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   cfg = StepConfig(loss=config.loss, reference=config.train.reference,
                    logprob_chunk_size=config.model.logprob_chunk_size,
                    grad_accum_steps=config.optimizer.grad_accum_steps)
-  compiled = compile_steps(graphdef, tx, schedule, cfg, state_sharding, reference_sharding,
-                           data.batch_keys, mesh)
+  compiled = None  # compiled at the first batch, whose keys fix the batch shardings
   writer = MetricsWriter(workdir, config.train.tensorboard)
   peak = config.train.peak_flops_per_device or measure_peak_flops()
   flops_tok = flops_per_token(model_cfg.num_params(), config.train.reference)
@@ -360,11 +367,14 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   try:
     for step in range(start + 1, num_steps + 1):
       try:
-        local = next(data.train)
+        local = next(train_iterator)
       except StopIteration:
         logging.warning('the training data ran out after step %d (config.data.num_epochs=%d)',
                         step - 1, config.data.num_epochs)
         break
+      if compiled is None:
+        compiled = compile_steps(graphdef, tx, schedule, cfg, state_sharding, reference_sharding,
+                                 tuple(local), mesh)
       state, metrics = compiled.train_step(state, reference,
                                            sharding.global_batch(local, mesh))
       if pending is not None:
@@ -383,13 +393,13 @@ def run(config, workdir, step_hooks=()) -> TrainState:
         timer, pending = now, None
         eval_loss = None
         if evaluate_now:
-          scalars = _evaluate(compiled, state.params, reference, data.eval, mesh,
+          scalars = _evaluate(compiled, state.params, reference, eval_batches, mesh,
                               config.train.eval_batches)
           writer.write(step, scalars)
           eval_loss = scalars.get('eval/loss')
         run_hooks(step)
         if save_now:
-          checkpointer.save(step, state, data.train, config_json, eval_loss=eval_loss,
+          checkpointer.save(step, state, train_iterator, config_json, eval_loss=eval_loss,
                             force=True)
           last_good_step = step
         if sigterm.raised:
