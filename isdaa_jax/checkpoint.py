@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
   """No readable checkpoint could be restored."""
 
 
@@ -49,6 +49,8 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iterator, config_json: dict,
            eval_loss: Optional[float] = None, force: bool = False) -> bool:
+    if step in self._manager.all_steps():
+      return False  # e.g. a rerun that resumed at its final step: never overwrite a checkpoint
     args = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_json))
     if self._has_data:
       import grain  # pylint: disable=g-import-not-at-top
@@ -61,7 +63,12 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def restore_latest(self, abstract_state, data_iterator) -> Optional[Any]:
-    """The newest readable checkpoint's state (iterator restored in place), or None if none."""
+    """The newest readable checkpoint's state (iterator restored in place); None if there is none.
+
+    Raises CheckpointError when checkpoints exist but none can be restored (a changed model or
+    optimizer config, say): starting afresh would let retention delete them.
+    """
+    first_error = None
     for step in reversed(self.all_steps()):
       args = dict(state=ocp.args.StandardRestore(abstract_state))
       if self._has_data:
@@ -70,10 +77,16 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
+        first_error = first_error or f'step {step}: {type(e).__name__}: {str(e)[:300]}'
         logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the one '
                         'before it', step, self.directory, type(e).__name__, e)
         continue
       return restored['state']
+    if first_error is not None:
+      raise CheckpointError(
+          f'{self.directory} holds checkpoints but none matches this run ({first_error}); if '
+          'the model or optimizer config changed, use a new --workdir (the checkpoints are left '
+          'untouched)')
     return None
 
   def wait(self):

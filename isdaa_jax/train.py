@@ -398,7 +398,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
           writer.write(step, scalars)
           eval_loss = scalars.get('eval/loss')
         run_hooks(step)
-        if save_now:
+        if save_now or sigterm.raised:
           checkpointer.save(step, state, train_iterator, config_json, eval_loss=eval_loss,
                             force=True)
           last_good_step = step
@@ -411,7 +411,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     sigterm.restore()
     bar.close()
     writer.close()
-  if config.checkpoint.export_hf and not sigterm.raised and jax.process_index() == 0:
+  if config.checkpoint.export_hf and not sigterm.raised:  # every process joins the gathers
     from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
     hf.save_model(nnx.merge(graphdef, state.params), workdir / 'hf')
   checkpointer.close()

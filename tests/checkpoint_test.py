@@ -76,3 +76,16 @@ def test_unreadable_latest_falls_back_to_previous(tmp_path):
 def test_no_checkpoint_gives_none(tmp_path):
   assert checkpoint.Checkpointer(tmp_path, _ckpt_config(), True).restore_latest(
       _abstract(), _iterator()) is None
+
+
+def test_incompatible_checkpoints_raise_instead_of_starting_over(tmp_path):
+  it = _iterator()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(), True)
+  ck.save(1, _state(1), it, {}, force=True)
+  ck.wait()
+  assert ck.save(1, _state(1), it, {}, force=True) is False  # never overwritten
+  other = {'step': jax.ShapeDtypeStruct((), jnp.int32),
+           'params': {'w': jax.ShapeDtypeStruct((3, 2), jnp.float32),
+                      'b': jax.ShapeDtypeStruct((2,), jnp.float32)}}
+  with pytest.raises(checkpoint.CheckpointError, match='new --workdir'):
+    checkpoint.Checkpointer(tmp_path, _ckpt_config(), True).restore_latest(other, _iterator())

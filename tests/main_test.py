@@ -1,0 +1,113 @@
+"""End to end through `isdaa_jax.main` and `train.run`: metrics, resume, NaN stop, SIGTERM, errors."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from configs import tiny
+from isdaa_jax import checkpoint, train
+from isdaa_jax.metrics_writer import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _main(workdir, *overrides, env=None, **kw):
+  cmd = [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py',
+         f'--workdir={workdir}', *overrides]
+  e = dict(os.environ, **(env or {}))
+  return subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _losses(workdir):
+  return {r['step']: r['loss'] for r in read_metrics(workdir) if 'loss' in r}
+
+
+def test_tiny_runs_end_to_end_and_resumes(tmp_path):
+  res = _main(tmp_path, '--config.train.num_steps=6', '--config.checkpoint.every_steps=4')
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+  assert json.loads((tmp_path / 'config.json').read_text())['train']['num_steps'] == 6
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()
+                if p.name.isdigit()) == [4, 6]  # the last step is always checkpointed
+  assert (tmp_path / 'hf' / 'model.safetensors').exists()
+  res = _main(tmp_path, '--config.train.num_steps=8', '--config.checkpoint.every_steps=4')
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert sorted(_losses(tmp_path)) == list(range(1, 9))
+
+
+def _quiet_tiny(num_steps):
+  cfg = tiny.get_config()
+  cfg.train.num_steps = num_steps
+  cfg.checkpoint.every_steps = 1000
+  cfg.checkpoint.export_hf = False
+  cfg.train.progress_bar = False
+  cfg.train.tensorboard = False
+  return cfg
+
+
+def test_resume_is_exact(tmp_path):
+  """12 steps straight == 6 steps, preemption (SIGTERM) and restart, 6 more: every loss equal."""
+  train.run(_quiet_tiny(12), tmp_path / 'straight')
+
+  def preempt(step, policy):
+    if step == 6:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {}
+
+  train.run(_quiet_tiny(12), tmp_path / 'split', step_hooks=((6, preempt),))
+  assert sorted(_losses(tmp_path / 'split')) == list(range(1, 7))
+  train.run(_quiet_tiny(12), tmp_path / 'split')
+  straight, split = _losses(tmp_path / 'straight'), _losses(tmp_path / 'split')
+  assert sorted(split) == list(range(1, 13))
+  assert [split[s] for s in range(1, 13)] == [straight[s] for s in range(1, 13)]
+
+
+def test_nan_loss_stops_with_one_message_and_keeps_the_last_good_checkpoint(tmp_path):
+  res = _main(tmp_path, '--config.optimizer.learning_rate=1e30', '--config.optimizer.warmup_steps=0',
+              '--config.checkpoint.every_steps=1', '--config.train.num_steps=30',
+              '--config.train.eval_every=0')
+  assert res.returncode == 1
+  lines = [l for l in res.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and 'became non-finite at step' in lines[0], res.stderr[-2000:]
+  assert 'learning_rate' in lines[0] and 'Traceback' not in res.stderr
+  bad_step = int(lines[0].split('at step ')[1].split(';')[0])
+  saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert saved and max(saved) < bad_step
+  # The kept checkpoint restores and holds finite parameters.
+  res2 = _main(tmp_path, f'--config.train.num_steps={max(saved)}')
+  assert res2.returncode == 0, res2.stderr[-2000:]
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+  cmd = [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py',
+         f'--workdir={tmp_path}', '--config.train.num_steps=100000',
+         '--config.checkpoint.every_steps=100000', '--config.train.eval_every=0']
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and len(_losses(tmp_path)) < 3:
+    time.sleep(0.5)
+  assert len(_losses(tmp_path)) >= 3, 'training did not start'
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  saved = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 100000
+
+
+def test_bad_config_value_is_one_line(tmp_path):
+  res = _main(tmp_path, '--config.loss.name=orpo')
+  assert res.returncode == 1
+  assert res.stderr.strip().splitlines()[-1].startswith("error: config.loss.name='orpo'")
+  assert 'Traceback' not in res.stderr
+
+
+def test_unknown_override_key_is_rejected(tmp_path):
+  res = _main(tmp_path, '--config.loss.bta=0.3')
+  assert res.returncode != 0 and 'bta' in res.stderr
