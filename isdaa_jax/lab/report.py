@@ -1,0 +1,169 @@
+"""The lab's analysis: per-method summaries over seeds, the R(d) fit, report.md and plots.
+
+A point is a dict with method, importance (bool), beta, seed, step, kl, gold (mean gold reward of
+policy samples). Over-optimization is read off gold reward against d = sqrt(KL): the gain over
+the reference, R(d) = gold(d) - gold(0), is fitted as R(d) = d (a - b log d) (Gao et al. 2023).
+"""
+
+import collections
+import math
+import pathlib
+
+import numpy as np
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262}
+
+
+def mean_ci95(values) -> tuple[float, float]:
+  """Mean and the half-width of its 95% interval (nan with a single value)."""
+  x = np.asarray(values, np.float64)
+  if len(x) < 2:
+    return float(x.mean()), float('nan')
+  return float(x.mean()), _T95.get(len(x) - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
+
+
+def fit_rd(d, gain) -> tuple[float, float]:
+  """Least-squares a, b of gain = a d - b d log d over points with d > 0."""
+  d, gain = np.asarray(d, np.float64), np.asarray(gain, np.float64)
+  keep = d > 1e-8
+  if keep.sum() < 2:
+    return float('nan'), float('nan')
+  d, gain = d[keep], gain[keep]
+  design = np.stack([d, -d * np.log(d)], axis=1)
+  (a, b), *_ = np.linalg.lstsq(design, gain, rcond=None)
+  return float(a), float(b)
+
+
+def run_key(p) -> tuple:
+  return (p['method'], bool(p['importance']), float(p['beta']))
+
+
+def summarize_run(points) -> dict:
+  """Peak and final gold, KL at the peak, and the R(d) fit of one training run."""
+  points = sorted(points, key=lambda p: p['step'])
+  gold = np.array([p['gold'] for p in points])
+  kl = np.maximum(np.array([p['kl'] for p in points]), 0.0)
+  peak = int(np.argmax(gold))
+  a, b = fit_rd(np.sqrt(kl), gold - gold[0])
+  return dict(peak_gold=float(gold[peak]), final_gold=float(gold[-1]), kl_at_peak=float(kl[peak]),
+              final_kl=float(kl[-1]), drop=float(gold[peak] - gold[-1]), fit_a=a, fit_b=b)
+
+
+def summarize(points) -> list[dict]:
+  """One row per (method, importance, beta): each statistic's mean and 95% CI over seeds."""
+  runs = collections.defaultdict(list)
+  for p in points:
+    runs[run_key(p) + (p['seed'],)].append(p)
+  grouped = collections.defaultdict(list)
+  for key, pts in runs.items():
+    grouped[key[:3]].append(summarize_run(pts))
+  rows = []
+  for (method, importance, beta), per_seed in sorted(grouped.items()):
+    row = dict(method=method, importance=importance, beta=beta, seeds=len(per_seed))
+    for stat in per_seed[0]:
+      row[stat], row[stat + '_ci95'] = mean_ci95([s[stat] for s in per_seed])
+    rows.append(row)
+  return rows
+
+
+def _fmt(m, ci):
+  return f'{m:.3f}' if math.isnan(ci) else f'{m:.3f} ± {ci:.3f}'
+
+
+def verdict(rows) -> str:
+  """Plain statement, with numbers, of whether importance weighting reduced over-optimization."""
+  by_key = {(r['method'], r['beta'], r['importance']): r for r in rows}
+  lines, better_final, smaller_drop, total = [], 0, 0, 0
+  for (method, beta, imp), off in sorted(by_key.items()):
+    if imp or (method, beta, True) not in by_key:
+      continue
+    on = by_key[(method, beta, True)]
+    total += 1
+    better_final += on['final_gold'] > off['final_gold']
+    smaller_drop += on['drop'] < off['drop']
+    lines.append(
+        f'- {method} (beta={beta:g}): final gold {off["final_gold"]:.3f} without -> '
+        f'{on["final_gold"]:.3f} with the weight; peak-to-final drop {off["drop"]:.3f} -> '
+        f'{on["drop"]:.3f}; final KL {off["final_kl"]:.2f} -> {on["final_kl"]:.2f}.')
+  if not total:
+    return 'No method ran both with and without the importance weight.'
+  head = (f'In this setting the importance weight gave a higher final gold reward in '
+          f'{better_final} of {total} (method, beta) settings and a smaller peak-to-final drop '
+          f'(less over-optimization) in {smaller_drop} of {total}. ')
+  if smaller_drop * 2 > total:
+    head += 'On balance it reduced over-optimization here.'
+  elif smaller_drop * 2 == total:
+    head += 'On balance it neither clearly reduced nor increased over-optimization here.'
+  else:
+    head += 'On balance it did not reduce over-optimization here.'
+  return head + '\n\n' + '\n'.join(lines)
+
+
+def write_report(rows, meta: dict, path: pathlib.Path):
+  out = ['# Over-optimization lab report', '']
+  out += [f'- {k}: {v}' for k, v in meta.items()]
+  out += ['', '## Verdict', '', verdict(rows), '']
+  out += ['Gold reward is the task\'s known reward of policy samples (reference level: '
+          f'{meta.get("reference_gold", float("nan")):.3f}); KL is the sample estimate of '
+          'KL(policy || reference); R(d) = d (a - b log d) is fitted to the gold gain over the '
+          'reference against d = sqrt(KL). Values are means ± 95% intervals over seeds.', '']
+  for method in sorted({r['method'] for r in rows}):
+    out += [f'## {method}', '',
+            '| importance | beta | peak gold | final gold | KL at peak | final KL | a | b |',
+            '|---|---|---|---|---|---|---|---|']
+    for r in rows:
+      if r['method'] != method:
+        continue
+      out.append('| ' + ' | '.join([
+          'on' if r['importance'] else 'off', f'{r["beta"]:g}',
+          _fmt(r['peak_gold'], r['peak_gold_ci95']), _fmt(r['final_gold'], r['final_gold_ci95']),
+          _fmt(r['kl_at_peak'], r['kl_at_peak_ci95']), _fmt(r['final_kl'], r['final_kl_ci95']),
+          _fmt(r['fit_a'], r['fit_a_ci95']), _fmt(r['fit_b'], r['fit_b_ci95'])]) + ' |')
+    out.append('')
+  path.write_text('\n'.join(out))
+
+
+def plot(points, rows, workdir: pathlib.Path) -> list[pathlib.Path]:
+  """gold vs sqrt(KL) per method (with fitted R(d) curves) and gold vs step; returns the PNGs."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  methods = sorted({p['method'] for p in points})
+  runs = collections.defaultdict(list)
+  for p in points:
+    runs[run_key(p) + (p['seed'],)].append(p)
+  ref_gold = np.mean([min(pts, key=lambda p: p['step'])['gold'] for pts in runs.values()])
+  paths = []
+  for name, x_of, xlabel in (('gold_vs_sqrt_kl.png', lambda p: math.sqrt(max(p['kl'], 0.0)),
+                              'sqrt KL(policy || reference)'),
+                             ('gold_vs_step.png', lambda p: p['step'], 'step')):
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+      for (m, imp, beta, seed), pts in sorted(runs.items()):
+        if m != method:
+          continue
+        pts = sorted(pts, key=lambda p: p['step'])
+        color = 'tab:blue' if imp else 'tab:red'
+        ax.plot([x_of(p) for p in pts], [p['gold'] for p in pts], color=color, alpha=0.35,
+                lw=1, ls='-' if beta == min(b for (mm, _, b, _) in runs if mm == m) else '--')
+      if name.startswith('gold_vs_sqrt'):
+        for r in rows:
+          if r['method'] == method and not math.isnan(r['fit_a']):
+            d = np.linspace(1e-3, max(math.sqrt(max(r['final_kl'], 1e-6)), 1e-2), 100)
+            ax.plot(d, ref_gold + d * (r['fit_a'] - r['fit_b'] * np.log(d)),
+                    color='tab:blue' if r['importance'] else 'tab:red', lw=2)
+      ax.set_title(method)
+      ax.set_xlabel(xlabel)
+      ax.set_ylabel('gold reward')
+    axes[0][0].plot([], [], color='tab:red', label='without importance weight')
+    axes[0][0].plot([], [], color='tab:blue', label='with importance weight')
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path = workdir / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+  return paths
