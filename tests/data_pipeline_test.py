@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import datasets
 import numpy as np
 import pytest
 
@@ -198,6 +199,9 @@ def test_eval_sources(tmp_path, id_file):
   from_folder = pipeline.load(_data(folder))
   assert (len(from_folder.train), len(from_folder.eval)) == (100, 24)
   assert pipeline.load(_data(folder, eval_split='')).eval is None
+  datasets.Dataset.from_list(_id_rows()).save_to_disk(str(tmp_path / 'saved'))
+  saved = pipeline.load(_data(tmp_path / 'saved'))
+  assert len(saved.train) == 100 and saved.eval is None  # one saved Dataset is the train split
 
 
 def test_size_and_vocabulary_errors(id_file):

@@ -183,8 +183,11 @@ def test_folders_saved_datasets_and_missing_paths(tmp_path):
   # A hub-snapshot-like folder with a subset sub-folder.
   _write_rows(tmp_path / 'snap' / 'harmless-base' / 'train.jsonl.gz', train)
   _write_rows(tmp_path / 'snap' / 'harmless-base' / 'test.jsonl.gz', test)
+  # Another split whose name starts with 'train' must not be mixed in.
+  _write_rows(tmp_path / 'snap' / 'harmless-base' / 'train_sft-00000-of-00001.jsonl', test)
   data.path, data.hub_subset = str(tmp_path / 'snap'), 'harmless-base'
   assert len(sources.read_rows(data, 'train')) == 3
+  assert len(sources.read_rows(data, 'train_sft')) == 2
   assert len(sources.read_rows(data, 'test')) == 2
   with pytest.raises(sources.DataSourceError, match="no 'validation' data files"):
     sources.read_rows(data, 'validation')

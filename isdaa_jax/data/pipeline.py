@@ -16,7 +16,6 @@ batches always assemble into one global array. The last incomplete global batch 
 
 import collections
 import dataclasses
-import pathlib
 from typing import Iterator, Mapping, Sequence
 
 import grain
@@ -185,8 +184,8 @@ def _eval_rows(data: ml_collections.ConfigDict) -> Sequence[Mapping] | None:
     return None
   if data.eval_path:
     return sources.read_path(data.eval_path, data.hub_subset, data.eval_split)
-  if not data.eval_split or (data.path and pathlib.Path(data.path).expanduser().is_file()):
-    return None  # a single data file is the training split only
+  if not data.eval_split or (data.path and sources.holds_one_split(data.path)):
+    return None  # a single data file (or saved Dataset) is the training split only
   return sources.read_rows(data, data.eval_split)
 
 

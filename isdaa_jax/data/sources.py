@@ -325,17 +325,25 @@ def _read_folder(folder: pathlib.Path, subset: str, split: str) -> Sequence[Mapp
       raise DataSourceError(f"the saved dataset {folder} has no split '{split}' (it has "
                             f"{', '.join(dd)}); set config.data.train_split/eval_split")
     return dd[split]
-  if (folder / 'dataset_info.json').exists() and (folder / 'state.json').exists():
+  if holds_one_split(folder):
     return datasets.load_from_disk(str(folder))
   root = folder / subset if subset else folder
   # A hub snapshot or hand-made folder: files named after the split, e.g. harmless-base/train.jsonl.gz
   # or data/train-00000-of-00001.parquet.
-  files = sorted(p for p in root.rglob(f'{split}*') if p.name.lower().endswith(_DATA_SUFFIXES))
+  named = re.compile(re.escape(split) + r'[-.]')  # 'train' matches train-0000.parquet, not train_sft
+  files = sorted(p for p in root.rglob(f'{split}*')
+                 if named.match(p.name) and p.name.lower().endswith(_DATA_SUFFIXES))
   if not files:
     raise DataSourceError(f"found no '{split}' data files (.jsonl[.gz], .json, .parquet) under "
                           f'{root}; check config.data.path, hub_subset and the split names '
                           "(config.data.eval_split='' runs without eval data)")
   return [row for f in files for row in read_file(f)]
+
+
+def holds_one_split(path) -> bool:
+  """A data file or a saved single-split Dataset: all of it is one split, whatever its name."""
+  p = pathlib.Path(path).expanduser()
+  return p.is_file() or ((p / 'dataset_info.json').exists() and (p / 'state.json').exists())
 
 
 def read_path(path: str, subset: str, split: str) -> Sequence[Mapping]:
