@@ -6,7 +6,7 @@ copies with --config.model.path=DIR --config.data.path=FILE_OR_DIR):
 Preview the parsed, tokenized pairs first:
   python -m isdaa_jax.data --config=configs/tldr.py --dump=runs/tldr-preview.jsonl --limit=100
 
-Data: `openai/summarize_from_feedback` comparisons (~92k train, ~83k validation pairs), each post
+Data: `openai/summarize_from_feedback` comparisons (~93k train, ~86k validation pairs), each post
 formatted as "SUBREDDIT: r/...\\n\\nTITLE: ...\\n\\nPOST: ...\\n\\nTL;DR:" (TRL's format; no chat
 template: the prompt is raw text) and each summary as its continuation after one space. TRL's
 flattened `trl-lib/tldr-preference` (prompt/chosen/rejected strings) also works with
