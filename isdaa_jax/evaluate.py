@@ -88,3 +88,117 @@ def evaluate(policy: nnx.Module, reference: nnx.Module, prompts: Sequence[Sequen
 def content_lengths(samples: sample.Samples) -> np.ndarray:
   """Generated tokens before EOS."""
   return samples.lengths - samples.finished.astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reward models and gold-reward callables.
+
+
+@jax.jit
+def _reward_scores(graphdef, state, head_DL, input_ids_BT, segment_ids_BT):
+  backbone = nnx.merge(graphdef, state)
+  positions = jnp.maximum(jnp.cumsum(segment_ids_BT, axis=1) - 1, 0)
+  hidden = backbone(input_ids_BT, positions, segment_ids_BT)
+  # The score of the last non-padding token, as transformers' LlamaForSequenceClassification.
+  t = segment_ids_BT.shape[1]
+  last = jnp.max(jnp.where(segment_ids_BT > 0, jnp.arange(t), -1), axis=1)
+  h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  return jnp.einsum('bd,dl->bl', h_last.astype(jnp.float32), head_DL.astype(jnp.float32))
+
+
+def reward_scores(backbone: nnx.Module, head_DL, input_ids_BT, segment_ids_BT) -> np.ndarray:
+  """[B, labels] scores of right-padded sequences (segment 0 = padding)."""
+  graphdef, state = nnx.split(backbone)
+  return np.asarray(_reward_scores(graphdef, state, head_DL, jnp.asarray(input_ids_BT),
+                                   jnp.asarray(segment_ids_BT)))
+
+
+class RewardModelGold:
+  """A Hugging Face LlamaForSequenceClassification checkpoint as a gold-reward callable."""
+
+  def __init__(self, path_or_hub_id: str, model_config, mesh):
+    from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+    self.backbone, self.head = hf.load_reward_model(path_or_hub_id, model_config, mesh)
+
+  def __call__(self, prompts, responses, lengths) -> np.ndarray:
+    seqs = [list(p) + list(r[:n]) for p, r, n in zip(prompts, np.asarray(responses), lengths)]
+    t = max(len(s) for s in seqs)
+    ids = np.zeros((len(seqs), t), np.int32)
+    seg = np.zeros((len(seqs), t), np.int32)
+    for i, s in enumerate(seqs):
+      ids[i, :len(s)], seg[i, :len(s)] = s, 1
+    return reward_scores(self.backbone, self.head, ids, seg)[:, 0]
+
+
+def import_callable(spec: str) -> GoldFn:
+  """'package.module:function' -> the function (a user's gold reward)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  module, _, name = spec.partition(':')
+  if not module or not name:
+    raise ValueError(f"--gold={spec!r} must look like 'package.module:function'")
+  try:
+    return getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f'cannot import the gold reward {spec!r} ({e}); check the module path and '
+                     'that it is importable from the current directory') from e
+
+
+# ------------------------------------------------------------------------------------------------
+# `python -m isdaa_jax.evaluate --policy DIR --reference DIR --prompts FILE.jsonl
+#     (--gold=module:fn | --reward_model=DIR) --out=OUT.json`
+
+
+def _main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  from isdaa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+  del argv
+  f = flags.FLAGS
+  try:
+    if bool(f.gold) == bool(f.reward_model):
+      raise ValueError('give exactly one of --gold=package.module:function or '
+                       '--reward_model=DIR_OR_HUB_ID')
+    model_config = base.model_config()
+    mesh = sharding.make_mesh(base.mesh_config())
+    policy = hf.load_model(f.policy, model_config, mesh)
+    reference = hf.load_model(f.reference, model_config, mesh)
+    gold_fn = (import_callable(f.gold) if f.gold
+               else RewardModelGold(f.reward_model, model_config, mesh))
+    with open(f.prompts) as fh:
+      prompts = [json.loads(line)['prompt_ids'] for line in fh if line.strip()]
+    if f.limit:
+      prompts = prompts[:f.limit]
+    params = SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
+                            top_k=f.top_k, top_p=f.top_p, eos_id=f.eos_id)
+    ref_samples = sample.generate(reference, prompts, jax.random.key(f.seed + 1), params)
+    result = evaluate(policy, reference, prompts, jax.random.key(f.seed), params, gold_fn,
+                      reference_samples=ref_samples)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    import sys  # pylint: disable=g-import-not-at-top
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  with open(f.out, 'w') as fh:
+    json.dump(dict(result.as_dict(), prompts=len(prompts)), fh, indent=2)
+  print(json.dumps(result.as_dict()))
+
+
+SamplingParams = sample.SamplingParams
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('policy', None, 'Policy: Hugging Face folder or hub id.', required=True)
+  flags.DEFINE_string('reference', None, 'Reference: folder or hub id.', required=True)
+  flags.DEFINE_string('prompts', None, 'JSONL with prompt_ids per row.', required=True)
+  flags.DEFINE_string('out', None, 'Where the JSON result goes.', required=True)
+  flags.DEFINE_string('gold', '', 'Gold reward as package.module:function.')
+  flags.DEFINE_string('reward_model', '', 'LlamaForSequenceClassification folder or hub id.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Longest response.')
+  flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (1 keeps the KL estimate exact).')
+  flags.DEFINE_integer('top_k', 0, 'Top-k (0 = off).')
+  flags.DEFINE_float('top_p', 1.0, 'Top-p (1 = off).')
+  flags.DEFINE_integer('eos_id', 2, 'End-of-sequence token id.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_integer('limit', 0, 'Use only the first N prompts (0 = all).')
+  app.run(_main)
