@@ -91,8 +91,11 @@ def data_config() -> ml_collections.ConfigDict:
   # Grain worker processes (0 = in-process).
   d.worker_count = 0
   d.worker_buffer_size = 2
-  # Row limit after parsing (0 = all), for quick runs.
+  # Kept training pairs (0 = all): the first N of the train split, for quick runs.
   d.max_examples = 0
+  # Kept eval pairs (0 = all): the first N of the eval split, so a large one (TL;DR's 86k) is not
+  # tokenized whole when evaluation reads only train.eval_batches batches of it.
+  d.eval_max_examples = 0
   # Synthetic source (source='synthetic'): number of pairs and token-length ranges.
   d.synthetic = ml_collections.ConfigDict(dict(
       num_pairs=256,

@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.hub_config = 'comparisons'
   d.train_split = 'train'
   d.eval_split = 'validation'
+  d.eval_max_examples = 2048  # evaluation reads eval_batches * batch_size = 1024 of them
   # Posts run to ~600 tokens; summaries are short.
   d.max_length = 640
   d.max_prompt_length = 576

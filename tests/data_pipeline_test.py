@@ -192,6 +192,9 @@ def test_eval_sources(tmp_path, id_file):
   other = _write(tmp_path / 'other.jsonl', _id_rows(n=16, seed=1))
   with_path = pipeline.load(_data(id_file, eval_path=other))
   assert len(with_path.eval) == 16 and with_path.summary['eval']['kept'] == 16
+  capped = pipeline.load(_data(id_file, eval_path=other, eval_max_examples=10, max_examples=50))
+  assert (len(capped.train), len(capped.eval)) == (50, 10)
+  assert capped.eval[9]['prompt_ids'].tolist() == _id_rows(n=16, seed=1)[9]['prompt_ids']
   folder = tmp_path / 'folder'
   folder.mkdir()
   _write(folder / 'train.jsonl', _id_rows())

@@ -120,9 +120,9 @@ def examples(rows: Sequence[Mapping], source: str, tokenizer: PairTokenizer, whe
         return
 
 
-def _load_split(rows, data, tokenizer, where) -> tuple[PairStore, SplitStats]:
+def _load_split(rows, data, tokenizer, where, limit) -> tuple[PairStore, SplitStats]:
   stats = SplitStats()
-  kept = [ex.pair for ex in examples(rows, data.source, tokenizer, where, data.max_examples, stats)
+  kept = [ex.pair for ex in examples(rows, data.source, tokenizer, where, limit, stats)
           if ex.pair is not None]
   return PairStore(kept), stats
 
@@ -153,8 +153,8 @@ def load(data: ml_collections.ConfigDict, *, model_path: str = '', vocab_size: i
   else:
     train_rows = sources.read_rows(data, data.train_split)
   eval_rows = _eval_rows(data)
-  train, train_stats = _load_split(train_rows, data, tok, f'{_split_name(data)} '
-                                   f'({data.train_split})')
+  train, train_stats = _load_split(train_rows, data, tok,
+                                   f'{_split_name(data)} ({data.train_split})', data.max_examples)
   summary = dict(source=data.source, train=train_stats.as_dict(), eval=None)
   evals = None
   if data.eval_holdout > 0:
@@ -167,8 +167,9 @@ def load(data: ml_collections.ConfigDict, *, model_path: str = '', vocab_size: i
     summary['eval'] = dict(held_out_from_train=len(evals))
     summary['train']['kept'] = len(train)
   elif eval_rows is not None:
-    evals, eval_stats = _load_split(eval_rows, data, tok, f'{data.eval_path or _split_name(data)} '
-                                    f'({data.eval_split})')
+    evals, eval_stats = _load_split(
+        eval_rows, data, tok, f'{data.eval_path or _split_name(data)} ({data.eval_split})',
+        data.eval_max_examples)
     summary['eval'] = eval_stats.as_dict()
   if vocab_size > 0:
     top = max(train.max_token_id(), evals.max_token_id() if evals is not None else -1)
