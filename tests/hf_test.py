@@ -277,6 +277,6 @@ def test_missing_folder_and_pickled_checkpoints(tmp_path):
 
 
 def test_library_never_imports_torch():
-  code = ('import sys, isdaa_jax.model.hf; '
+  code = ('import sys, isdaa_jax.model.hf, isdaa_jax.score; '
           'assert "torch" not in sys.modules, "torch was imported"')
   subprocess.run([sys.executable, '-c', code], check=True, cwd=pathlib.Path(__file__).parents[1])

@@ -1,0 +1,234 @@
+"""Scores preference pairs under a policy and optionally a reference model.
+
+  python -m isdaa_jax.score --model DIR_OR_HUB_ID [--reference DIR_OR_HUB_ID] --pairs FILE.jsonl \
+      --out OUT.jsonl [--tokenizer DIR] [--batch_size N] [--source pairs] [--as_reference] \
+      [--config=configs/hh.py] [--config.mesh.tensor=2 ...]
+
+Input rows are token ids (`prompt_ids`, `chosen_ids`, `rejected_ids`; each side's sequence is
+exactly prompt + response) or text rows in a `--source` format, formatted and tokenized by
+`isdaa_jax.data` exactly as training does (`config.data`: chat format, max_length truncation).
+Each kept row gives one output row with its input `index`, the token ids it was scored on,
+`policy_chosen_logps`, `policy_rejected_logps` (log-probs summed over response tokens),
+`chosen_tokens`, `rejected_tokens`, `reference_*_logps` when `--reference` is given, and the
+implicit reward margin: (lp_w - rp_w) - (lp_l - rp_l) with a reference, lp_w - lp_l without.
+`--as_reference` writes the model's log-probs as `reference_*_logps` instead: a file training
+reads with `config.train.reference='precomputed'`.
+
+`score_pairs` is the reusable core: tokenized pairs are grouped by `config.data.length_buckets`,
+collated with `isdaa_jax.data.collate`, and each fixed-shape batch runs one jitted, sharded
+forward pass (one compilation per bucket).
+"""
+
+import collections
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Iterator, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+import tqdm
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+from isdaa_jax import config as config_lib
+from isdaa_jax import sharding
+from isdaa_jax.data import collate, pipeline, sources
+from isdaa_jax.data.tokenize import PairTokenizer
+from isdaa_jax.model import hf, logprobs
+
+_BATCH_KEYS = tuple(f'{side}_{key}' for side in collate.SIDES
+                    for key in ('input_ids', 'targets', 'loss_mask', 'positions', 'segment_ids'))
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+  """Per pair, float32 [N]: response log-probs summed over tokens, and response token counts."""
+  chosen_logps: np.ndarray
+  rejected_logps: np.ndarray
+  chosen_tokens: np.ndarray
+  rejected_tokens: np.ndarray
+
+
+def _forward(model: nnx.Module, batch: Mapping[str, jax.Array], chunk_size: int) -> dict:
+  out = {}
+  unembed_DV = model.unembedding()
+  for side in collate.SIDES:
+    hidden_BTD = model(batch[f'{side}_input_ids'], batch[f'{side}_positions'],
+                       batch[f'{side}_segment_ids'])
+    out[f'{side}_logps'], out[f'{side}_tokens'] = logprobs.sequence_logps(
+        hidden_BTD, unembed_DV, batch[f'{side}_targets'], batch[f'{side}_loss_mask'], chunk_size)
+  return out
+
+
+def bucketed_batches(pairs: Sequence[Mapping], batch_size: int,
+                     length_buckets: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
+  """(pair indices, bucket length): at most `batch_size` pairs of one bucket at a time."""
+  by_bucket = collections.defaultdict(list)
+  for i, pair in enumerate(pairs):
+    by_bucket[collate.bucket_for(collate.pair_length(pair), length_buckets)].append(i)
+  for bucket in sorted(by_bucket):
+    idx = np.asarray(by_bucket[bucket])
+    for start in range(0, len(idx), batch_size):
+      yield idx[start:start + batch_size], bucket
+
+
+def score_pairs(model: nnx.Module, pairs: Sequence[Mapping], mesh: Mesh, *, batch_size: int,
+                length_buckets: Sequence[int], chunk_size: int, progress: bool = True,
+                desc: str = 'scoring') -> Scores:
+  """Summed response log-probs of every tokenized pair under `model` (sharded on `mesh`).
+
+  Batches hold `batch_size` rows rounded up to a multiple of the data-parallel devices; a short
+  last batch of a bucket is filled with copies of its first pair (discarded), so every batch of a
+  bucket has one shape and compiles once.
+  """
+  n = len(pairs)
+  vocab = model.cfg.vocab_size
+  for key in ('prompt_ids', 'chosen_ids', 'rejected_ids'):
+    top = max((int(np.max(p[key])) for p in pairs if len(p[key])), default=-1)
+    if top >= vocab:
+      raise ValueError(f'the pairs hold token id {top} but the model vocabulary has {vocab} '
+                       'entries; tokenize with the model\'s tokenizer (--tokenizer)')
+  dp = mesh.shape['data'] * mesh.shape['fsdp']
+  rows = -(-batch_size // dp) * dp
+  graphdef, state = nnx.split(model)
+  step = jax.jit(lambda state, batch: _forward(nnx.merge(graphdef, state), batch, chunk_size),
+                 out_shardings=sharding.replicated(mesh))
+  batch_sharding = sharding.batch_sharding(mesh)
+  out = {k: np.zeros(n, np.float32) for k in ('chosen_logps', 'rejected_logps', 'chosen_tokens',
+                                              'rejected_tokens')}
+  show = progress and jax.process_index() == 0
+  with tqdm.tqdm(total=n, desc=desc, unit='pair', disable=not show) as bar:
+    for idx, bucket in bucketed_batches(pairs, rows, length_buckets):
+      padded = np.concatenate([idx, np.full(rows - len(idx), idx[0])])
+      local = collate.collate_pairs([pairs[i] for i in padded], bucket)
+      # Every process holds every pair, so each device takes its slice of the global batch.
+      batch = {k: jax.make_array_from_callback(local[k].shape, batch_sharding,
+                                               lambda s, a=local[k]: a[s]) for k in _BATCH_KEYS}
+      result = jax.device_get(step(state, batch))
+      for k in out:
+        out[k][idx] = result[k][:len(idx)]
+      bar.update(len(idx))
+  return Scores(**out)
+
+
+def output_rows(examples: Sequence[pipeline.Example], policy: Scores,
+                reference: Optional[Scores], as_reference: bool = False) -> list[dict]:
+  """One JSON-ready row per scored pair (see the module docstring); behavior log-probs of the
+  input pass through so the output is itself training data."""
+  rows = []
+  for k, ex in enumerate(examples):
+    row = dict(index=ex.index)
+    row.update({key: [int(t) for t in ex.pair[key]] for key in sources.ID_COLUMNS})
+    row.update({c: ex.pair[c] for c in collate.LOGP_COLUMNS
+                if c.startswith('behavior') and c in ex.pair})
+    lp_w, lp_l = float(policy.chosen_logps[k]), float(policy.rejected_logps[k])
+    role = 'reference' if as_reference else 'policy'
+    row[f'{role}_chosen_logps'], row[f'{role}_rejected_logps'] = lp_w, lp_l
+    row.update(chosen_tokens=int(policy.chosen_tokens[k]),
+               rejected_tokens=int(policy.rejected_tokens[k]))
+    if reference is not None:
+      rp_w, rp_l = float(reference.chosen_logps[k]), float(reference.rejected_logps[k])
+      row.update(reference_chosen_logps=rp_w, reference_rejected_logps=rp_l,
+                 margin=(lp_w - rp_w) - (lp_l - rp_l))
+    elif not as_reference:
+      row['margin'] = lp_w - lp_l
+    rows.append(row)
+  return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+_BASE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
+
+
+def _define_flags():
+  # Defined only when run as a program, so importing this module (training, tests) adds no
+  # flags that could clash with another entry point's.
+  config_flags.DEFINE_config_file(
+      'config', str(_BASE_CONFIG), 'Config file whose model (dtypes, attention), data '
+      '(tokenization, length buckets, batch size) and mesh sections apply.', lock_config=True)
+  flags.DEFINE_string('model', None, 'Policy: Hugging Face folder or hub id.')
+  flags.DEFINE_string('reference', None, 'Reference: Hugging Face folder or hub id.')
+  flags.DEFINE_string('pairs', None, 'Pairs to score (.jsonl, .jsonl.gz, .json, .parquet).')
+  flags.DEFINE_string('out', None, 'Output .jsonl file.')
+  flags.DEFINE_string('tokenizer', None,
+                      'Tokenizer for text rows (default: config.data.tokenizer, else --model).')
+  flags.DEFINE_integer('batch_size', None, 'Pairs per batch (default: config.data.batch_size).')
+  flags.DEFINE_enum('source', 'pairs', list(sources.PARSERS), 'Row format of --pairs.')
+  flags.DEFINE_bool('as_reference', False, 'Write the --model log-probs as reference_*_logps '
+                    '(precomputed reference log-probs for training).')
+  flags.mark_flags_as_required(['model', 'pairs', 'out'])
+
+
+def tokenized_examples(rows: Sequence[Mapping], source: str, data_config, tokenizer: str,
+                       where: str) -> tuple[list[pipeline.Example], pipeline.SplitStats]:
+  """Rows parsed and tokenized as training does; only the kept ones, in input order."""
+  stats = pipeline.SplitStats()
+  kept = [ex for ex in pipeline.examples(rows, source, PairTokenizer(data_config, tokenizer),
+                                         where, 0, stats) if ex.pair is not None]
+  return kept, stats
+
+
+def run(config, *, model: str, reference: Optional[str], pairs_path: str, out_path: str,
+        tokenizer: Optional[str], batch_size: Optional[int], source: str,
+        as_reference: bool) -> dict:
+  """The command: reads, scores and writes; returns the drop/truncation summary."""
+  if as_reference and reference:
+    raise ValueError('--as_reference writes the --model log-probs as the reference; do not also '
+                     'give --reference')
+  path = pathlib.Path(pairs_path).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f'--pairs {pairs_path} does not exist; give a .jsonl/.json/.parquet '
+                            'file of pairs')
+  examples, stats = tokenized_examples(sources.read_file(path), source, config.data,
+                                       tokenizer or config.data.tokenizer or model, str(path))
+  if not examples:
+    raise ValueError(f'no pair of {path} could be scored (dropped: {dict(stats.dropped)}); check '
+                     '--source and the rows')
+  pairs = [ex.pair for ex in examples]
+  mesh = sharding.make_mesh(config.mesh)
+  kwargs = dict(batch_size=batch_size or config.data.batch_size,
+                length_buckets=config.data.length_buckets,
+                chunk_size=config.model.logprob_chunk_size)
+  # One model in memory at a time: the reference loads after the policy is scored and freed.
+  policy_model = hf.load_model(model, config.model, mesh)
+  policy = score_pairs(policy_model, pairs, mesh, desc='reference' if as_reference else 'policy',
+                       **kwargs)
+  del policy_model
+  ref = None
+  if reference:
+    ref = score_pairs(hf.load_model(reference, config.model, mesh), pairs, mesh,
+                      desc='reference', **kwargs)
+  if jax.process_index() == 0:
+    out = pathlib.Path(out_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, 'w') as f:
+      for row in output_rows(examples, policy, ref, as_reference):
+        f.write(json.dumps(row) + '\n')
+  return stats.as_dict()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  f = flags.FLAGS
+  try:
+    summary = run(f.config, model=f.model, reference=f.reference, pairs_path=f.pairs,
+                  out_path=f.out, tokenizer=f.tokenizer, batch_size=f.batch_size,
+                  source=f.source, as_reference=f.as_reference)
+  except config_lib.USER_ERRORS as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f'scored {summary["kept"]} of {summary["rows"]} pairs -> {f.out}; dropped: '
+        f'{summary["dropped"]}, truncated: {summary["truncated"]}')
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
