@@ -149,6 +149,9 @@ def test_sharded_checkpoint_write_and_read(tmp_path):
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
+  # Saving again unsharded into the same folder leaves no stale index or shard behind.
+  hf.save_model(again, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', hf.SINGLE_FILE]
 
 
 def test_bfloat16_parameters_round_trip(tmp_path):

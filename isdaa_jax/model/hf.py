@@ -12,7 +12,6 @@ Tensor names and layouts are listed in `isdaa_jax.model.llama`'s module docstrin
 
 import dataclasses
 import json
-import os
 import pathlib
 from typing import Optional
 
@@ -356,25 +355,23 @@ def _save(model: Llama, out_dir: str, config: dict, extra: dict[str, jax.Array],
     size += nbytes
   names = ([SINGLE_FILE] if len(files) == 1 else
            [f'model-{i + 1:05d}-of-{len(files):05d}.safetensors' for i in range(len(files))])
-  write = jax.process_index() == 0
-  if write:
-    os.makedirs(out_dir, exist_ok=True)
-  for fname, file_specs in zip(names, files):
-    if write:
-      safetensors_io.write(os.path.join(out_dir, fname), file_specs, produce, _METADATA)
-    else:
-      for spec in file_specs:  # take part in the gathers process 0 runs
-        produce(spec[0])
-  if not write:
+  if jax.process_index() != 0:
+    for spec in specs:  # take part in the gathers that process 0 runs while writing
+      produce(spec[0])
     return
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  # A previous save with other sharding would leave an index or files that shadow this one.
+  for stale in [out / SINGLE_FILE, out / INDEX_FILE, *out.glob('model-*-of-*.safetensors')]:
+    stale.unlink(missing_ok=True)
+  for fname, file_specs in zip(names, files):
+    safetensors_io.write(out / fname, file_specs, produce, _METADATA)
   if len(files) > 1:
     total = sum(int(np.prod(s[1])) * s[2].itemsize for s in specs)
     index = dict(metadata=dict(total_size=total),
                  weight_map={s[0]: fname for fname, fs in zip(names, files) for s in fs})
-    with open(os.path.join(out_dir, INDEX_FILE), 'w') as f:
-      json.dump(index, f, indent=2, sort_keys=True)
-  with open(os.path.join(out_dir, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+  (out / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def save_model(model: Llama, out_dir: str, *, extra_config: Optional[dict] = None,
