@@ -50,7 +50,7 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
 
   config.loss.importance.eps = 0.25
   o = config.optimizer
-  o.learning_rate = 3e-4
+  o.learning_rate = 1e-3
   o.warmup_steps = 5
   o.min_lr_ratio = 1.0
   o.weight_decay = 0.0
@@ -64,7 +64,7 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
   config.checkpoint.async_save = False
   config.checkpoint.export_hf = False
   t = config.train
-  t.num_steps = 60 if quick else 150
+  t.num_steps = 100 if quick else 150
   t.log_every = 10
   t.eval_every = 0
   t.tensorboard = False
@@ -80,7 +80,7 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
             min_response=4,
             max_response=10,
             demo_on_topic=0.2,
-            k_star=0.5,
+            k_star=0.35,
             bt_temperature=0.1,
         ),
         # Supervised training of the reference policy on demonstrations.
@@ -88,8 +88,8 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
         # Preference pairs sampled from the reference and labelled by the gold reward.
         num_pairs=2048,
         # Gold reward and KL are measured on policy samples every `eval_every` steps.
-        eval_every=10 if quick else 15,
-        eval_prompts=256,
+        eval_every=20 if quick else 25,
+        eval_prompts=128 if quick else 192,
         # (method, beta) grid; every method runs with and without the importance weight.
         methods=('dpo', 'ipo', 'simpo', 'alphapo'),
         betas=dict(

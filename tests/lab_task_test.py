@@ -1,5 +1,7 @@
 """The lab's task (gold reward, demonstrations, labels) and its analysis (R(d) fit, summaries)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ def task():
 
 
 def test_gold_reward_is_a_hump_in_the_on_topic_fraction(task):
+  task = dataclasses.replace(task, k_star=0.5)
   prompts = task.sample_prompts(np.random.default_rng(0), 3)
   topic = task.topic_of(prompts)
   on = task.first_content + topic[:, None] + task.num_topics * np.arange(4)[None, :]
@@ -37,8 +40,8 @@ def test_demonstrations_have_the_configured_on_topic_rate_and_end_with_eos(task)
   assert abs(k.mean() - task.demo_on_topic) < 0.01
   # Off-topic tokens are spread over every other topic's tokens.
   assert len(np.unique(tokens[tokens > 0])) == task.num_content
-  # On the demonstration distribution, more on-topic tokens is nearly always better.
-  assert np.mean(k < task.k_star) > 0.9
+  # On most demonstrations more on-topic tokens is better: the proxy the preferences teach.
+  assert np.mean(k < task.k_star) > 0.75
 
 
 def test_bradley_terry_labels_follow_the_gold_gap(task):
@@ -71,5 +74,9 @@ def test_summaries_and_verdict_over_seeds():
   mean, ci = report.mean_ci95([1.0, 2.0, 3.0])
   assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / np.sqrt(3))
   text = report.verdict(rows)
-  assert 'smaller peak-to-final drop (less over-optimization) in 1 of 1' in text
-  assert 'reduced over-optimization here' in text
+  assert 'final gold reward was higher in 1 of 1' in text
+  assert 'appeared without the weight in 1 settings; the weight made that drop smaller in 1' in text
+  assert 'on balance it reduced over-optimization here' in text
+  # Without any drop the verdict says the run cannot tell.
+  flat = [dict(r, drop=0.0) for r in rows]
+  assert 'cannot show whether the weight reduces over-optimization' in report.verdict(flat)

@@ -18,6 +18,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   from isdaa_jax.lab import study  # pylint: disable=g-import-not-at-top
 
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax/Grain log every save at INFO
   config = _CONFIG.value
   try:
     config_lib.validate(config)

@@ -72,32 +72,44 @@ def _fmt(m, ci):
   return f'{m:.3f}' if math.isnan(ci) else f'{m:.3f} ± {ci:.3f}'
 
 
+# A peak-to-final gold drop larger than this counts as over-optimization (gold is a mean over
+# eval prompts with a standard error of ~0.01-0.02 on the lab's default prompt count).
+DROP_THRESHOLD = 0.03
+
+
 def verdict(rows) -> str:
   """Plain statement, with numbers, of whether importance weighting reduced over-optimization."""
   by_key = {(r['method'], r['beta'], r['importance']): r for r in rows}
-  lines, better_final, smaller_drop, total = [], 0, 0, 0
+  lines, pairs = [], []
   for (method, beta, imp), off in sorted(by_key.items()):
     if imp or (method, beta, True) not in by_key:
       continue
     on = by_key[(method, beta, True)]
-    total += 1
-    better_final += on['final_gold'] > off['final_gold']
-    smaller_drop += on['drop'] < off['drop']
+    pairs.append((off, on))
     lines.append(
         f'- {method} (beta={beta:g}): final gold {off["final_gold"]:.3f} without -> '
         f'{on["final_gold"]:.3f} with the weight; peak-to-final drop {off["drop"]:.3f} -> '
         f'{on["drop"]:.3f}; final KL {off["final_kl"]:.2f} -> {on["final_kl"]:.2f}.')
-  if not total:
+  if not pairs:
     return 'No method ran both with and without the importance weight.'
-  head = (f'In this setting the importance weight gave a higher final gold reward in '
-          f'{better_final} of {total} (method, beta) settings and a smaller peak-to-final drop '
-          f'(less over-optimization) in {smaller_drop} of {total}. ')
-  if smaller_drop * 2 > total:
-    head += 'On balance it reduced over-optimization here.'
-  elif smaller_drop * 2 == total:
-    head += 'On balance it neither clearly reduced nor increased over-optimization here.'
+  total = len(pairs)
+  better_final = sum(on['final_gold'] > off['final_gold'] for off, on in pairs)
+  lower_kl = sum(on['final_kl'] < off['final_kl'] for off, on in pairs)
+  over = [(off, on) for off, on in pairs if off['drop'] > DROP_THRESHOLD]
+  head = (f'With the importance weight the final gold reward was higher in {better_final} of '
+          f'{total} (method, beta) settings and the final KL lower in {lower_kl} of {total}. ')
+  if not over:
+    largest = max(off['drop'] for off, _ in pairs)
+    head += (f'Without the weight no run over-optimized within this budget (largest '
+             f'peak-to-final gold drop {largest:.3f} <= {DROP_THRESHOLD}), so this run cannot '
+             'show whether the weight reduces over-optimization.')
   else:
-    head += 'On balance it did not reduce over-optimization here.'
+    reduced = sum(on['drop'] < off['drop'] for off, on in over)
+    head += (f'Over-optimization (a peak-to-final gold drop > {DROP_THRESHOLD}) appeared without '
+             f'the weight in {len(over)} settings; the weight made that drop smaller in '
+             f'{reduced} of them, so on balance it '
+             + ('reduced' if reduced * 2 > len(over) else 'did not reduce')
+             + ' over-optimization here.')
   return head + '\n\n' + '\n'.join(lines)
 
 
