@@ -1,6 +1,10 @@
 """Checkpoints: round trip with the data iterator, retention, and falling back past a bad one."""
 
+import os
 import pathlib
+import subprocess
+import sys
+import textwrap
 
 import grain
 import jax
@@ -89,3 +93,53 @@ def test_incompatible_checkpoints_raise_instead_of_starting_over(tmp_path):
                       'b': jax.ShapeDtypeStruct((2,), jnp.float32)}}
   with pytest.raises(checkpoint.CheckpointError, match='new --workdir'):
     checkpoint.Checkpointer(tmp_path, _ckpt_config(), True).restore_latest(other, _iterator())
+
+
+_KILLED_MID_SAVE = textwrap.dedent("""
+    import os, sys
+    import grain, jax.numpy as jnp
+    from configs import base
+    from isdaa_jax import checkpoint
+    c = base.checkpoint_config()
+    c.keep_last, c.keep_best, c.async_save = 3, False, True
+    it = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
+    ck = checkpoint.Checkpointer(sys.argv[1], c, has_data_state=True)
+    state = lambda v: {'step': jnp.asarray(v, jnp.int32), 'params': {'w': jnp.full((3, 2), float(v)),
+                       'big': jnp.full((2048, 1024), float(v))}}
+    for _ in range(3):
+      next(it)
+    ck.save(1, state(1), it, {}, force=True)
+    ck.wait()
+    next(it)
+    ck.save(2, state(2), it, {}, force=True)  # asynchronous: returns while the write goes on
+    os._exit(3)  # killed mid-save (no cleanup, no atexit)
+""")
+
+
+def test_process_killed_mid_save_restores_the_previous_checkpoint(tmp_path):
+  res = subprocess.run([sys.executable, '-c', _KILLED_MID_SAVE, str(tmp_path)],
+                       cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=120,
+                       env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+  assert res.returncode == 3, res.stderr[-2000:]
+  names = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
+  # The kill left step 2 half-written (Orbax's temporary directory), never a step-2 checkpoint.
+  assert '2' not in names and any(n.startswith('2.') for n in names), names
+  abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32),
+              'params': {'w': jax.ShapeDtypeStruct((3, 2), jnp.float32),
+                         'big': jax.ShapeDtypeStruct((2048, 1024), jnp.float32)}}
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False), True)
+  fresh = _iterator()
+  restored = ck.restore_latest(abstract, fresh)
+  assert int(restored['step']) == 1
+  np.testing.assert_array_equal(restored['params']['w'], np.full((3, 2), 1.0))
+  expected = _iterator()
+  for _ in range(3):
+    next(expected)
+  # The iterator is where it was at step 1 (3 elements in), not at step 2.
+  assert [next(fresh) for _ in range(3)] == [next(expected) for _ in range(3)]
+  # Training resumes and saves step 2 again over the debris.
+  ck.save(2, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract), fresh, {},
+          force=True)
+  ck.wait()
+  assert ck.all_steps() == [1, 2]
