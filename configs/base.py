@@ -193,6 +193,33 @@ def train_config() -> ml_collections.ConfigDict:
   return t
 
 
+def sample_eval_config() -> ml_collections.ConfigDict:
+  """Generation-based evaluation inside training (read by `isdaa_jax.evaluate.training_hook`).
+
+  Every `every` steps the policy samples responses to held-out prompts; KL(policy || reference)
+  from those samples, gold reward and win rate against reference samples are logged as `sample/*`
+  so over-optimization curves come out of one training run.
+  """
+  s = ml_collections.ConfigDict()
+  s.every = 0  # 0 disables it
+  # JSONL with token ids per row (`prompt_ids`, or `prompt_tokens` as written by
+  # `python -m isdaa_jax.data --dump`).
+  s.prompts = ''
+  s.num_prompts = 64
+  # Gold reward: 'package.module:function' (prompts, responses, lengths) -> [B], or a Hugging Face
+  # LlamaForSequenceClassification reward model; exactly one of the two.
+  s.gold = ''
+  s.reward_model = ''
+  s.max_new_tokens = 128
+  # Temperature 1 samples the policy itself, which the KL estimate assumes.
+  s.temperature = 1.0
+  s.top_k = 0
+  s.top_p = 1.0
+  s.eos_id = 2
+  s.seed = 0
+  return s
+
+
 def distributed_config() -> ml_collections.ConfigDict:
   """Multi-host start-up (read by `isdaa_jax.distributed`)."""
   d = ml_collections.ConfigDict()
@@ -218,6 +245,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = checkpoint_config()
   config.train = train_config()
   config.distributed = distributed_config()
+  config.sample_eval = sample_eval_config()
   # Locked: assigning a key that does not exist (a typo in an experiment file or an override)
   # fails at once instead of being silently ignored. Add new sections under `config.unlocked()`.
   config.lock()

@@ -131,6 +131,18 @@ def validate_reference(train: ml_collections.ConfigDict, loss: ml_collections.Co
              'reference-free)')
 
 
+def validate_sample_eval(s: ml_collections.ConfigDict):
+  _require(s.every >= 0, f'config.sample_eval.every must be >= 0 (0 = off), got {s.every}')
+  if s.every:
+    _require(bool(s.prompts), 'config.sample_eval.every > 0 needs config.sample_eval.prompts (a '
+             'JSONL of prompt_ids)')
+    _require(bool(s.gold) != bool(s.reward_model),
+             'config.sample_eval needs exactly one of config.sample_eval.gold '
+             '(package.module:function) or config.sample_eval.reward_model (a folder or hub id)')
+    _require(s.max_new_tokens > 0,
+             f'config.sample_eval.max_new_tokens must be > 0, got {s.max_new_tokens}')
+
+
 def validate(config: ml_collections.ConfigDict):
   """Raises ConfigError with one sentence for the first problem found."""
   validate_model(config.model)
@@ -139,6 +151,7 @@ def validate(config: ml_collections.ConfigDict):
   validate_optimizer(config.optimizer, config.data.batch_size)
   validate_mesh(config.mesh)
   validate_reference(config.train, config.loss)
+  validate_sample_eval(config.sample_eval)
   _require(config.train.num_steps > 0,
            f'config.train.num_steps must be > 0, got {config.train.num_steps}')
   _require(config.checkpoint.keep_last >= 1,

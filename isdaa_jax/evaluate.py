@@ -202,3 +202,46 @@ if __name__ == '__main__':
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_integer('limit', 0, 'Use only the first N prompts (0 = all).')
   app.run(_main)
+
+
+def _read_prompts(path: str, limit: int) -> list[list[int]]:
+  import json  # pylint: disable=g-import-not-at-top
+  prompts = []
+  try:
+    with open(path) as fh:
+      for line in fh:
+        if line.strip():
+          row = json.loads(line)
+          ids = row.get('prompt_ids', row.get('prompt_tokens'))
+          if not isinstance(ids, list):
+            raise ValueError(f'config.sample_eval.prompts={path!r}: rows need `prompt_ids` (a '
+                             'list of token ids), e.g. from python -m isdaa_jax.data --dump')
+          prompts.append(ids)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'config.sample_eval.prompts={path!r} does not exist; write one with '
+                            'python -m isdaa_jax.data --dump or set config.sample_eval.every=0') from e
+  return prompts[:limit] if limit else prompts
+
+
+def training_hook(sample_config, model_config, graphdef, reference_params, mesh):
+  """(every, hook) for `train.run`: logs sample/kl, sample/gold, sample/win_rate, ... ."""
+  if bool(sample_config.gold) == bool(sample_config.reward_model):
+    raise ValueError('config.sample_eval needs exactly one of gold (package.module:function) or '
+                     'reward_model (a folder or hub id)')
+  gold_fn = (import_callable(sample_config.gold) if sample_config.gold
+             else RewardModelGold(sample_config.reward_model, model_config, mesh))
+  prompts = _read_prompts(sample_config.prompts, sample_config.num_prompts)
+  params = sample.SamplingParams(max_new_tokens=sample_config.max_new_tokens,
+                                 temperature=sample_config.temperature, top_k=sample_config.top_k,
+                                 top_p=sample_config.top_p, eos_id=sample_config.eos_id)
+  reference = nnx.merge(graphdef, reference_params)
+  key = jax.random.key(sample_config.seed)
+  # Step hooks fold in step numbers >= 0; the reference samples take their own stream.
+  ref_samples = sample.generate(reference, prompts, jax.random.split(key)[1], params)
+
+  def hook(step, policy):
+    res = evaluate(policy, reference, prompts, jax.random.fold_in(key, step), params, gold_fn,
+                   reference_samples=ref_samples)
+    return {f'sample/{k}': v for k, v in res.as_dict().items()}
+
+  return sample_config.every, hook

@@ -35,7 +35,6 @@ def main(argv):
     (workdir / 'config.json').write_text(json.dumps(json.loads(config.to_json()), indent=2))
     train.run(config, workdir)
   except config_lib.USER_ERRORS + (train.TrainingDiverged,) as e:
-    logging.error('%s: %s', type(e).__name__, e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

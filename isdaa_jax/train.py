@@ -293,6 +293,12 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   model_cfg, graphdef, params_sharding, params = build_policy(config.model, mesh, config.seed)
   reference = build_reference(config, mesh, params, params_sharding)
   reference_sharding = params_sharding if reference else {}
+  # Generation-based eval measures KL to the reference model, or to the starting policy when no
+  # reference model is held.
+  kl_reference = reference
+  if config.sample_eval.every and not reference:
+    kl_reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sharding)(
+        params)
   tx = make_optimizer(config.optimizer, num_steps)
   schedule = learning_rate_schedule(config.optimizer, num_steps)
   abstract_state = jax.eval_shape(
@@ -326,6 +332,10 @@ def run(config, workdir, step_hooks=()) -> TrainState:
                    logprob_chunk_size=config.model.logprob_chunk_size,
                    grad_accum_steps=config.optimizer.grad_accum_steps)
   compiled = None  # compiled at the first batch, whose keys fix the batch shardings
+  if config.sample_eval.every:
+    from isdaa_jax import evaluate  # pylint: disable=g-import-not-at-top
+    step_hooks = tuple(step_hooks) + (evaluate.training_hook(
+        config.sample_eval, config.model, graphdef, kl_reference, mesh),)
   writer = MetricsWriter(workdir, config.train.tensorboard)
   peak = config.train.peak_flops_per_device or measure_peak_flops()
   flops_tok = flops_per_token(model_cfg.num_params(), config.train.reference)

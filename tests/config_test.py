@@ -48,6 +48,8 @@ def test_base_config_is_valid():
     ({'mesh.tensor': 0}, r'config.mesh sizes'),
     ({'train.num_steps': 0}, r'num_steps must be > 0'),
     ({'distributed.initialize': 'yes'}, r'config.distributed.initialize'),
+    ({'sample_eval.every': 5}, r'needs config.sample_eval.prompts'),
+    ({'sample_eval.every': 5, 'sample_eval.prompts': 'p.jsonl'}, r'exactly one of'),
 ])
 def test_invalid_settings_raise_one_clear_sentence(overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:

@@ -111,3 +111,17 @@ def test_bad_config_value_is_one_line(tmp_path):
 def test_unknown_override_key_is_rejected(tmp_path):
   res = _main(tmp_path, '--config.loss.bta=0.3')
   assert res.returncode != 0 and 'bta' in res.stderr
+
+
+def test_generation_eval_inside_training_logs_sample_metrics(tmp_path):
+  prompts = tmp_path / 'prompts.jsonl'
+  prompts.write_text('\n'.join(json.dumps({'prompt_ids': [1, 5 + i, 9]}) for i in range(8)))
+  res = _main(tmp_path / 'run', '--config.train.num_steps=4', '--config.sample_eval.every=2',
+              f'--config.sample_eval.prompts={prompts}', '--config.sample_eval.max_new_tokens=4',
+              '--config.sample_eval.gold=tests.gold_fixture:length_reward',
+              '--config.train.eval_every=0')
+  assert res.returncode == 0, res.stderr[-3000:]
+  rows = [r for r in read_metrics(tmp_path / 'run') if 'sample/kl' in r]
+  assert [r['step'] for r in rows] == [0, 2, 4]
+  assert abs(rows[0]['sample/kl']) < 1e-3  # the policy starts as the reference
+  assert all(0.0 <= r['sample/win_rate'] <= 1.0 for r in rows)
