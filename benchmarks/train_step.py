@@ -1,0 +1,346 @@
+"""Throughput of the jitted IS-DAA train step, one JSON line per variant and a summary line.
+
+  python benchmarks/train_step.py                       # every variant, the TRL-comparison model
+  python benchmarks/train_step.py --variants=baseline,precomputed --batch_size=16
+  python benchmarks/train_step.py --preset=llama3.2-1b --batch_size=8 --prompt_length=512 \
+      --response_length=256 --variants=precomputed_remat_dots_bf16     # on an accelerator
+
+Each variant runs in a subprocess of its own (so its peak host memory is its own) that drives
+`isdaa_jax.train`'s jitted step directly on fixed synthetic pairs: the compile and `--warmup`
+steps are excluded, then `--steps` steps are timed, each waited for. Per variant it reports
+pairs/s; tokens/s counted as TRL does (prompt+chosen plus prompt+rejected, padding excluded);
+the tokens the model actually ran (fewer with prefix sharing); step time; model FLOP/s
+(6N per processed token for the policy's forward+backward, 2N more for an in-step reference, N =
+the parameters that enter matmuls; attention scores not counted); MFU against the best FLOP/s of
+a large matmul in the variant's compute dtype, measured on the same device in the same process
+before and after the steps; peak host memory (getrusage) and XLA's memory plan of the step
+(and the device's peak bytes in use where the platform reports it).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ and benchmarks/
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import base  # noqa: E402
+from isdaa_jax import sharding, train  # noqa: E402
+from isdaa_jax.data import collate  # noqa: E402
+from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
+from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
+
+# name -> config overrides on top of the baseline (frozen reference model in the step, chunked
+# log-probs, no remat, float32 everywhere).
+VARIANTS = {
+    'baseline': {},
+    'precomputed': {'train.reference': 'precomputed'},
+    'full_logits': {'model.logprob_chunk_size': 0},
+    'remat_full': {'model.remat': 'full'},
+    'remat_dots': {'model.remat': 'dots'},
+    'bfloat16': {'model.dtype': 'bfloat16'},
+    'blocked_attention': {'model.attention': 'blocked'},
+    'precomputed_remat_dots_bf16': {'train.reference': 'precomputed', 'model.remat': 'dots',
+                                    'model.dtype': 'bfloat16'},
+}
+if 'prefix_sharing' in base.data_config():
+  VARIANTS['prefix_shared'] = {'data.prefix_sharing': True}
+  VARIANTS['prefix_shared_precomputed'] = {'data.prefix_sharing': True,
+                                           'train.reference': 'precomputed'}
+
+_MODEL_FLAGS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
+                'num_kv_heads', 'head_dim')
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--variants', default=','.join(VARIANTS),
+                 help=f'comma-separated, from: {", ".join(VARIANTS)}')
+  p.add_argument('--preset', default='', help='a LlamaConfig preset; overrides the shape flags')
+  # Default shape: the model of benchmarks/compare_trl.py (Llama, 8192 vocab, 4 layers of 256).
+  p.add_argument('--vocab_size', type=int, default=8192)
+  p.add_argument('--hidden_size', type=int, default=256)
+  p.add_argument('--intermediate_size', type=int, default=688)
+  p.add_argument('--num_layers', type=int, default=4)
+  p.add_argument('--num_heads', type=int, default=8)
+  p.add_argument('--num_kv_heads', type=int, default=8)
+  p.add_argument('--head_dim', type=int, default=32)
+  p.add_argument('--tie_word_embeddings', action='store_true')
+  p.add_argument('--batch_size', type=int, default=8, help='pairs per step')
+  p.add_argument('--prompt_length', type=int, default=64)
+  p.add_argument('--response_length', type=int, default=32)
+  p.add_argument('--seq_len', type=int, default=0,
+                 help='padded length of each side (0: prompt + response, no padding)')
+  p.add_argument('--steps', type=int, default=8, help='timed steps')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps after the compile')
+  p.add_argument('--peak_matmul_size', type=int, default=0,
+                 help='side of the square matmul that measures the peak (0: 2048 on CPU, 8192 '
+                      'on accelerators)')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--in_process', action='store_true',
+                 help='run the variants in this process (host memory then accumulates)')
+  p.add_argument('--child', default='', help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def synthetic_pairs(n: int, prompt_length: int, response_length: int, vocab_size: int,
+                    seed: int) -> list[dict]:
+  """Pairs of fixed lengths; token ids avoid 0-2 (pad, BOS, EOS) and responses end with EOS."""
+  rng = np.random.default_rng(seed)
+  pairs = []
+  for _ in range(n):
+    pairs.append(dict(
+        prompt_ids=[1] + rng.integers(3, vocab_size, prompt_length - 1).tolist(),
+        chosen_ids=rng.integers(3, vocab_size, response_length - 1).tolist() + [2],
+        rejected_ids=rng.integers(3, vocab_size, response_length - 1).tolist() + [2]))
+  return pairs
+
+
+def make_config(args, overrides: dict):
+  config = base.get_config()
+  m = config.model
+  if args.preset:
+    m.preset = args.preset
+  else:
+    for name in _MODEL_FLAGS:
+      m[name] = getattr(args, name)
+    m.tie_word_embeddings = args.tie_word_embeddings
+  m.max_position_embeddings = max(m.max_position_embeddings,
+                                  2 * (args.prompt_length + args.response_length))
+  config.data.batch_size = args.batch_size
+  config.train.num_steps = args.warmup + args.steps + 1
+  config.optimizer.warmup_steps = 0
+  config.optimizer.learning_rate = 1e-6
+  config.seed = args.seed
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
+def matmul_params(cfg: LlamaConfig) -> int:
+  """Parameters that enter a matmul per token: all but the norms and an untied input table."""
+  d, l = cfg.hidden_size, cfg.num_layers
+  norms = 2 * l * d + d
+  lookup_only = 0 if cfg.tie_word_embeddings else cfg.vocab_size * d
+  return cfg.num_params() - norms - lookup_only
+
+
+def measure_peak_flops(dtype, n: int, reps: int = 5) -> float:
+  """Best FLOP/s of an n x n x n matmul in `dtype` on the default device."""
+  x = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float('inf')
+  for _ in range(reps):
+    start = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * n**3 / best
+
+
+def device_peak_bytes():
+  stats = jax.local_devices()[0].memory_stats()
+  return None if not stats else stats.get('peak_bytes_in_use')
+
+
+def local_batch(config, pairs, seq_len: int) -> dict:
+  """One fixed-shape local batch in the layout the config trains on (what the pipeline emits)."""
+  batch = collate.collate_pairs(pairs, seq_len)
+  if 'prefix_sharing' in config.data and config.data.prefix_sharing:
+    from isdaa_jax.data import prefix  # pylint: disable=g-import-not-at-top
+    batch = prefix.share_prefixes(batch)
+  return batch
+
+
+def processed_tokens(batch: dict) -> int:
+  """Real (non-padding) tokens the model runs on for this batch."""
+  return int(sum(np.sum(v > 0) for k, v in batch.items() if k.endswith('segment_ids')))
+
+
+def pair_tokens(pair) -> int:
+  """Tokens of a pair as TRL counts them: prompt+chosen plus prompt+rejected."""
+  return 2 * len(pair['prompt_ids']) + len(pair['chosen_ids']) + len(pair['rejected_ids'])
+
+
+def _with_reference_logps(config, graphdef, params, pairs, seq_len, mesh):
+  """Copies of `pairs` with the starting policy's log-probs as `reference_*_logps` columns."""
+  b = config.data.batch_size
+  logps = jax.jit(lambda p, batch: train.sequence_logps(graphdef, p, batch,
+                                                        config.model.logprob_chunk_size)[:2])
+  out = []
+  for i in range(0, len(pairs), b):
+    chunk = pairs[i:i + b]
+    batch = sharding.global_batch(collate.collate_pairs(chunk, seq_len), mesh)
+    lp_w, lp_l = jax.device_get(logps(params, batch))
+    out += [dict(p, reference_chosen_logps=float(w), reference_rejected_logps=float(l))
+            for p, w, l in zip(chunk, lp_w, lp_l)]
+  return out
+
+
+def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matmul_size: int = 0,
+              name: str = '') -> dict:
+  """Trains `warmup + steps` steps on `pairs` (cycled, `config.data.batch_size` a step) and
+  measures the last `steps`. Each step collates its pairs on the host, as the pipeline does."""
+  mesh = sharding.make_mesh(config.mesh)
+  b = config.data.batch_size
+  if len(pairs) % b:
+    raise ValueError(f'{len(pairs)} pairs do not split into batches of {b}')
+  model_cfg, graphdef, params_sharding, params = train.build_policy(config.model, mesh,
+                                                                    config.seed)
+  reference_seconds = None
+  if config.train.reference == 'precomputed':
+    # The reference is the starting policy: its log-probs are computed once, before training.
+    start = time.perf_counter()
+    pairs = _with_reference_logps(config, graphdef, params, pairs, seq_len, mesh)
+    reference_seconds = time.perf_counter() - start
+  batch_pairs = [pairs[i:i + b] for i in range(0, len(pairs), b)]
+  reference = train.build_reference(config, mesh, params, params_sharding)
+  tx = make_optimizer(config.optimizer, config.train.num_steps)
+  schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+  abstract = jax.eval_shape(
+      lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+      params)
+  state_sharding = train.state_shardings(tx, abstract, params_sharding, mesh)
+  state = train.init_state(params, tx, state_sharding)
+  del params
+  step_cfg = train.StepConfig(loss=config.loss, reference=config.train.reference,
+                              logprob_chunk_size=config.model.logprob_chunk_size,
+                              grad_accum_steps=config.optimizer.grad_accum_steps)
+  first = local_batch(config, batch_pairs[0], seq_len)
+  compiled = train.compile_steps(graphdef, tx, schedule, step_cfg, state_sharding,
+                                 params_sharding if reference else {}, tuple(first), mesh)
+  start = time.perf_counter()
+  step_fn = compiled.train_step.lower(state, reference,
+                                      sharding.global_batch(first, mesh)).compile()
+  compile_seconds = time.perf_counter() - start
+  memory = step_fn.memory_analysis()
+  cost = step_fn.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+  peak_n = peak_matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
+  compute_dtype = jnp.dtype(model_cfg.compute_dtype)
+  peak_before = measure_peak_flops(compute_dtype, peak_n)
+  times, losses, tokens = [], [], []
+  for i in range(warmup + steps):
+    chunk = batch_pairs[i % len(batch_pairs)]
+    start = time.perf_counter()
+    batch = local_batch(config, chunk, seq_len)
+    state, metrics = step_fn(state, reference, sharding.global_batch(batch, mesh))
+    losses.append(float(metrics['loss']))  # waits for the step
+    times.append(time.perf_counter() - start)
+    tokens.append((sum(pair_tokens(p) for p in chunk), processed_tokens(batch)))
+  peak_after = measure_peak_flops(compute_dtype, peak_n)
+  timed = np.asarray(times[warmup:])
+  total_s = float(timed.sum())
+  trl_tokens, run_tokens = np.asarray(tokens[warmup:]).sum(axis=0)
+  n_mm = matmul_params(model_cfg)
+  flops_per_token = (8 if config.train.reference == 'model' else 6) * n_mm
+  model_flops_s = flops_per_token * run_tokens / total_s
+  peak = max(peak_before, peak_after) * jax.device_count()
+  return dict(
+      variant=name,
+      backend=jax.default_backend(),
+      device=jax.devices()[0].device_kind,
+      num_devices=jax.device_count(),
+      params=model_cfg.num_params(),
+      matmul_params=n_mm,
+      batch_pairs=b,
+      seq_len=int(first[next(k for k in first if k.endswith('input_ids'))].shape[1]),
+      steps=steps,
+      pairs_per_s=b * steps / total_s,
+      tokens_per_s=float(trl_tokens) / total_s,
+      processed_tokens_per_s=float(run_tokens) / total_s,
+      step_s=total_s / steps,
+      step_s_median=float(np.median(timed)),
+      step_s_min=float(timed.min()),
+      compile_s=compile_seconds,
+      reference_pass_s=reference_seconds,
+      model_flops_per_token=flops_per_token,
+      model_flops_per_s=model_flops_s,
+      xla_flops_per_step=cost.get('flops') if cost else None,
+      peak_flops_per_s=peak,
+      peak_flops_before_after=[peak_before, peak_after],
+      mfu=model_flops_s / peak,
+      host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+      step_temp_bytes=memory.temp_size_in_bytes if memory else None,
+      step_argument_bytes=memory.argument_size_in_bytes if memory else None,
+      device_peak_bytes=device_peak_bytes(),
+      losses=losses,
+  )
+
+
+def run_variant(args, name: str) -> dict:
+  config = make_config(args, VARIANTS[name])
+  vocab = (LlamaConfig.preset(args.preset).vocab_size if args.preset
+           else config.model.vocab_size)
+  pairs = synthetic_pairs(4 * args.batch_size, args.prompt_length, args.response_length, vocab,
+                          args.seed)
+  result = benchmark(config, pairs, seq_len=args.seq_len or args.prompt_length
+                     + args.response_length, steps=args.steps, warmup=args.warmup,
+                     peak_matmul_size=args.peak_matmul_size, name=name)
+  result['overrides'] = VARIANTS[name]
+  return result
+
+
+def _child_argv(args) -> list[str]:
+  out = []
+  for key, value in vars(args).items():
+    if key in ('variants', 'child', 'in_process'):
+      continue
+    if isinstance(value, bool):
+      out += [f'--{key}'] if value else []
+    else:
+      out.append(f'--{key}={value}')
+  return out
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.child:
+    print(json.dumps(run_variant(args, args.child)), flush=True)
+    return
+  names = [v for v in args.variants.split(',') if v]
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown:
+    raise SystemExit(f'unknown variant(s) {", ".join(unknown)}; choose from {", ".join(VARIANTS)}')
+  results = []
+  for name in names:
+    if args.in_process:
+      result = run_variant(args, name)
+    else:
+      proc = subprocess.run([sys.executable, os.path.abspath(__file__), *_child_argv(args),
+                             f'--child={name}'], capture_output=True, text=True, check=False)
+      lines = proc.stdout.strip().splitlines()
+      if proc.returncode or not lines:
+        result = dict(variant=name, error=proc.stderr.strip().splitlines()[-5:])
+      else:
+        result = json.loads(lines[-1])
+    results.append(result)
+    print(json.dumps(result), flush=True)
+  ok = [r for r in results if 'error' not in r]
+  base_pairs = next((r['pairs_per_s'] for r in ok if r['variant'] == 'baseline'), None)
+  summary = {r['variant']: dict(pairs_per_s=round(r['pairs_per_s'], 3),
+                                tokens_per_s=round(r['tokens_per_s'], 1),
+                                mfu=round(r['mfu'], 4),
+                                step_temp_bytes=r['step_temp_bytes'],
+                                vs_baseline=round(r['pairs_per_s'] / base_pairs, 3)
+                                if base_pairs else None)
+             for r in ok}
+  print(json.dumps(dict(summary=summary, failed=[r['variant'] for r in results if 'error' in r])),
+        flush=True)
+
+
+if __name__ == '__main__':
+  main()
