@@ -89,7 +89,7 @@ def _var_sharding(var, mesh):
   axes = var.get_metadata().get('logical_axes')
   if axes is None:
     return NamedSharding(mesh, P())
-  return NamedSharding(mesh, logical_to_spec(axes, var.value.shape, mesh))
+  return NamedSharding(mesh, logical_to_spec(axes, var.get_value().shape, mesh))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh):
@@ -101,7 +101,7 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Places every parameter of `model` on its sharding (in place) and returns the model."""
   state = nnx.state(model)
   shardings = state_shardings(state, mesh)
-  values = jax.tree.map(lambda v: v.value, state, is_leaf=_is_var)
+  values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_var)
   nnx.update(model, jax.device_put(values, shardings))
   return model
 

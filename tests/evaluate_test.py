@@ -15,7 +15,7 @@ def test_kl_estimate_is_unbiased_for_one_token_responses():
   policy = Llama(CFG, rngs=nnx.Rngs(0))
   reference = Llama(CFG, rngs=nnx.Rngs(1))
   # Sharpen the policy's (tied) output embedding so the two next-token distributions differ.
-  policy.embed.value = policy.embed.value * 6.0
+  policy.embed.set_value(policy.embed.get_value() * 6.0)
   prompt = [1, 5, 6]
   # Exact KL of the next-token distributions at the end of the prompt.
   ids = jnp.asarray([prompt])

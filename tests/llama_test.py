@@ -56,7 +56,7 @@ def test_causal_outputs_ignore_future_tokens():
   def out_at(m, i):
     return m(ids, pos, seg)[0, i].sum()
 
-  g_embed = nnx.grad(out_at)(model, 5).embed.value  # [V, D]
+  g_embed = nnx.grad(out_at)(model, 5).embed.get_value()  # [V, D]
   rows = jnp.abs(g_embed[10:10 + t]).max(axis=-1)
   assert float(rows[6:].max()) == 0.0  # tokens after position 5
   assert float(rows[:6].min()) > 0.0

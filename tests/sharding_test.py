@@ -71,7 +71,7 @@ def test_sharded_and_unsharded_logits_and_grads_agree():
   l8, g8, h8, s8 = run(mesh8)
   l1, g1, h1, _ = run(mesh1)
   # Parameters really are split across devices on the 2x2x2 mesh.
-  wq = s8['layers']['wq'].value
+  wq = s8['layers']['wq'].get_value()
   assert wq.sharding.spec == P(None, 'fsdp', 'tensor', None)
   assert len({s.device for s in wq.addressable_shards}) == 8
   np.testing.assert_allclose(h8, h1, atol=2e-5)

@@ -243,7 +243,7 @@ class DecoderLayers(nnx.Module):
     return x_BTD, (k, v)
 
   def __call__(self, x_BTD, cos, sin, mask, cache=None, cache_index=None):
-    params = {name: getattr(self, name).value for name in self.PARAM_NAMES}
+    params = {name: getattr(self, name).get_value() for name in self.PARAM_NAMES}
 
     def block(x, p, kv):
       return self._block(x, p, cos, sin, mask, kv, cache_index)
@@ -290,8 +290,8 @@ class Llama(nnx.Module):
   def unembedding(self) -> Array:
     """The output projection [D, V] (the transposed input embedding when tied)."""
     if self.cfg.tie_word_embeddings:
-      return self.embed.value.T
-    return self.lm_head.value
+      return self.embed.get_value().T
+    return self.lm_head.get_value()
 
   def __call__(self, input_ids_BT: Array, positions_BT: Array, segment_ids_BT: Array, *,
                attention_mask_BTT: Optional[Array] = None) -> Array:
@@ -307,10 +307,10 @@ class Llama(nnx.Module):
 
   def _forward(self, input_ids_BT, positions_BT, mask, cache=None, cache_index=None):
     cfg = self.cfg
-    x = jnp.take(self.embed.value, input_ids_BT, axis=0).astype(cfg.compute_dtype)
+    x = jnp.take(self.embed.get_value(), input_ids_BT, axis=0).astype(cfg.compute_dtype)
     cos, sin = rope_tables(cfg, positions_BT)
     x, new_kv = self.layers(x, cos, sin, mask, cache, cache_index)
-    return rms_norm(x, self.final_norm.value, cfg.rms_norm_eps), new_kv
+    return rms_norm(x, self.final_norm.get_value(), cfg.rms_norm_eps), new_kv
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     """An empty KV cache for `decode`: keys/values [L, B, S, K, Dh] and key segment ids [B, S]."""
