@@ -26,6 +26,7 @@ import optax
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from isdaa_jax import losses, sharding
 from isdaa_jax.metrics_writer import MetricsWriter
@@ -85,7 +86,18 @@ def _loss_and_logps(params, graphdef, reference_params, batch, cfg: StepConfig):
 
 
 def _split_micro(batch, n):
-  return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+  """[B, ...] -> [n, B/n, ...] with micro-batch i = rows i, i+n, i+2n, ...
+
+  Strided rather than contiguous: the rows of one device stay on that device, so every
+  micro-batch is spread over all data-parallel devices and nothing is resharded.
+  """
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1),
+                      batch)
+
+
+def _merge_micro(x):
+  """Inverse of `_split_micro` for the per-example outputs: [n, B/n, ...] -> [B, ...]."""
+  return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
 
 
 def _real_tokens(batch):
@@ -108,14 +120,16 @@ def train_step(state: TrainState, reference_params, batch, *, graphdef, tx, sche
     grads, logps = jax.lax.scan(body, zeros, micro)
     # Equal micro-batches: the mean of their mean-losses' gradients is the full-batch gradient.
     grads = jax.tree.map(lambda g: g / cfg.grad_accum_steps, grads)
-    logps = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), logps)
+    logps = jax.tree.map(_merge_micro, logps)
   out = losses.daa_loss(logps, cfg.loss)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {
       'loss': out.loss,
       **out.metrics,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': optax.tree.norm(grads),
+      # Checked before every save: a checkpoint never holds non-finite parameters.
+      'param_norm': optax.tree.norm(params),
       'learning_rate': schedule(state.step),
       'kl/policy_ref_chosen': jnp.mean(logps.policy_chosen - logps.reference_chosen),
       'tokens': _real_tokens(batch).astype(jnp.float32),
@@ -181,7 +195,7 @@ def init_state(params, tx, state_sharding: TrainState) -> TrainState:
 
 
 def describe_nonfinite(metrics: dict) -> Optional[str]:
-  bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(float(metrics[k]))]
+  bad = [k for k in ('loss', 'grad_norm', 'param_norm') if not np.isfinite(float(metrics[k]))]
   return ', '.join(bad) if bad else None
 
 
@@ -242,18 +256,37 @@ def build_reference(config, mesh, policy_params, params_sharding):
       policy_params)
 
 
-class _SigtermFlag:
-  """Remembers a SIGTERM (TPU preemption) so the loop can checkpoint and exit cleanly."""
+class _Preemption:
+  """Says when to checkpoint and exit after a preemption notice (SIGTERM), on every process alike.
+
+  One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service (started by
+  `jax.distributed.initialize`, it catches SIGTERM on whichever hosts get it) agrees on one step
+  at which `reached(step)` turns true everywhere, so all processes save together rather than some
+  entering a collective save that the others never join.
+  """
 
   def __init__(self):
-    self.raised = False
+    self._raised = False
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    self._multihost = jax.process_count() > 1
+    if not self._multihost and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
     logging.warning('SIGTERM received: checkpointing and exiting')
-    self.raised = True
+    self._raised = True
+
+  def reached(self, step: int) -> bool:
+    """Called once per step, at the same steps on every process."""
+    if self._multihost and not self._raised:
+      self._raised = multihost_utils.reached_preemption_sync_point(step)
+      if self._raised:
+        logging.warning('preemption: all processes checkpoint at step %d and exit', step)
+    return self._raised
+
+  @property
+  def raised(self) -> bool:
+    return self._raised
 
   def restore(self):
     if self._previous is not None:
@@ -340,7 +373,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   peak = config.train.peak_flops_per_device or measure_peak_flops()
   flops_tok = flops_per_token(model_cfg.num_params(), config.train.reference)
   config_json = json.loads(config.to_json())
-  sigterm = _SigtermFlag()
+  preemption = _Preemption()
   start = int(state.step)
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not config.train.progress_bar
                   or jax.process_index() != 0, desc='train')
@@ -357,10 +390,11 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     nonlocal last_good_step
     bad = describe_nonfinite(metrics)
     if bad:
-      raise TrainingDiverged(
-          f'{bad} became non-finite at step {step}; the last good checkpoint (step '
-          f'{last_good_step}) in {checkpointer.directory} is intact — lower '
-          'config.optimizer.learning_rate or check the data, then rerun to resume from it')
+      kept = (f'the last good checkpoint (step {last_good_step}) in {checkpointer.directory} '
+              'is intact and a rerun resumes from it' if last_good_step
+              else 'no checkpoint had been written yet')
+      raise TrainingDiverged(f'{bad} became non-finite at step {step}; {kept}; lower '
+                             'config.optimizer.learning_rate or check the data')
     tokens_s = metrics['tokens'] / max(seconds, 1e-9)
     metrics['perf/tokens_per_s'] = tokens_s
     metrics['perf/model_flops_per_s'] = flops_tok * tokens_s
@@ -393,7 +427,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
         timer = now
       pending = (step, metrics)
       bar.update(1)
-      save_now = step % config.checkpoint.every_steps == 0 or step == num_steps or sigterm.raised
+      save_now = (step % config.checkpoint.every_steps == 0 or step == num_steps
+                  or preemption.reached(step))
       evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
       hook_now = any(step % every == 0 or step == num_steps for every, _ in step_hooks)
       if save_now or evaluate_now or hook_now:
@@ -408,20 +443,20 @@ def run(config, workdir, step_hooks=()) -> TrainState:
           writer.write(step, scalars)
           eval_loss = scalars.get('eval/loss')
         run_hooks(step)
-        if save_now or sigterm.raised:
+        if save_now or preemption.raised:
           checkpointer.save(step, state, train_iterator, config_json, eval_loss=eval_loss,
                             force=True)
           last_good_step = step
-        if sigterm.raised:
+        if preemption.raised:
           break
     if pending is not None:
       log(pending[0], _to_host(pending[1]), time.perf_counter() - timer)
   finally:
     checkpointer.wait()
-    sigterm.restore()
+    preemption.restore()
     bar.close()
     writer.close()
-  if config.checkpoint.export_hf and not sigterm.raised:  # every process joins the gathers
+  if config.checkpoint.export_hf and not preemption.raised:  # every process joins the gathers
     from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
     hf.save_model(nnx.merge(graphdef, state.params), workdir / 'hf')
   checkpointer.close()

@@ -2,9 +2,11 @@
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -123,3 +125,40 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
   for name in a:
     np.testing.assert_allclose(b[name].astype(np.float32), a[name].astype(np.float32),
                                rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_preemption_notice_to_one_process_checkpoints_every_process_at_one_step(tmp_path):
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py',
+       f'--workdir={tmp_path}', '--config.train.num_steps=100000',
+       '--config.checkpoint.every_steps=100000', '--config.train.eval_every=0',
+       '--config.train.progress_bar=False', '--config.train.tensorboard=False',
+       f'--config.distributed.coordinator_address=127.0.0.1:{port}',
+       '--config.distributed.num_processes=2', f'--config.distributed.process_id={pid}',
+       '--config.distributed.cpu_collectives=gloo'],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+           for pid in range(2)]
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline and len(read_metrics(tmp_path)) < 3:
+      assert all(p.poll() is None for p in procs), 'a process exited before training'
+      time.sleep(0.5)
+    assert len(read_metrics(tmp_path)) >= 3, 'training did not start'
+    # A TPU maintenance event may notify only some hosts: here just process 1.
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=180)[1] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  saved = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert len(saved) == 1 and 3 <= saved[0] < 100000, saved
+  assert max(r['step'] for r in read_metrics(tmp_path)) == saved[0]
+  data_dir = tmp_path / 'checkpoints' / str(saved[0]) / 'data'
+  assert sorted(p.name for p in data_dir.glob('process_*')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']

@@ -98,9 +98,10 @@ def test_one_device_equals_eight_devices_2x2x2():
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3)
 
 
-def test_gradient_accumulation_equals_one_large_batch():
+@pytest.mark.parametrize('accum,mesh', [(4, (1, 1, 1)), (2, (2, 2, 2))])
+def test_gradient_accumulation_equals_one_large_batch(accum, mesh):
   big = Harness(_config(), _mesh((1, 1, 1)))
-  acc = Harness(_config(**{'optimizer.grad_accum_steps': 4}), _mesh((1, 1, 1)))
+  acc = Harness(_config(**{'optimizer.grad_accum_steps': accum}), _mesh(mesh))
   for _ in range(2):
     mb, ma = big.step(BATCH), acc.step(BATCH)
     assert ma['loss'] == pytest.approx(mb['loss'], rel=1e-5)
