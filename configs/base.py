@@ -84,6 +84,10 @@ def data_config() -> ml_collections.ConfigDict:
   d.max_prompt_length = 256
   # Sequence lengths that batches are padded to (each batch takes the smallest that fits).
   d.length_buckets = (128, 256, 512)
+  # Prefix sharing: one row per pair holds prompt, chosen and rejected (isdaa_jax/data/prefix.py),
+  # so the prompt runs once instead of twice; log-probs are those of the two-row layout. Rows
+  # take the smallest of length_buckets and their doubles that holds prompt + chosen + rejected.
+  d.prefix_sharing = False
   # Global batch size in pairs (split across JAX processes and data-parallel devices).
   d.batch_size = 8
   d.shuffle_seed = 0

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from isdaa_jax import losses, sharding
+from isdaa_jax.data import prefix
 from isdaa_jax.metrics_writer import MetricsWriter
 from isdaa_jax.model import logprobs
 from isdaa_jax.model.llama import Llama, LlamaConfig
@@ -54,9 +55,12 @@ class StepConfig:
 
 
 def sequence_logps(graphdef, params, batch, chunk_size: int):
-  """Summed response log-probs and token counts of chosen and rejected, one forward of 2B."""
-  cat = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']], axis=0)
+  """Summed response log-probs and token counts of chosen and rejected, one forward of 2B (or of
+  B prefix-shared rows when the batch has that layout, `config.data.prefix_sharing`)."""
   model = nnx.merge(graphdef, params)
+  if prefix.KEY in batch:
+    return prefix.sequence_logps(model, batch, chunk_size)
+  cat = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']], axis=0)
   hidden = model(cat('input_ids'), cat('positions'), cat('segment_ids'))
   lp, n = logprobs.sequence_logps(hidden, model.unembedding(), cat('targets'), cat('loss_mask'),
                                   chunk_size)
@@ -101,7 +105,8 @@ def _merge_micro(x):
 
 
 def _real_tokens(batch):
-  return sum(jnp.sum(batch[f'{s}_segment_ids'] > 0) for s in SIDES)
+  # Tokens the model ran on, in either layout (unshared: chosen + rejected rows; shared: one row).
+  return sum(jnp.sum(v > 0) for k, v in batch.items() if k.endswith('segment_ids'))
 
 
 def train_step(state: TrainState, reference_params, batch, *, graphdef, tx, schedule,

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from isdaa_jax.data import collate, sources
+from isdaa_jax.data import collate, prefix, sources
 from isdaa_jax.data.sources import DataSourceError
 from isdaa_jax.data.tokenize import PairTokenizer
 
@@ -191,15 +191,21 @@ def _eval_rows(data: ml_collections.ConfigDict) -> Sequence[Mapping] | None:
 
 
 class _LocalBatch:
-  """Global batch of pair indices -> this process's rows, padded to the global batch's bucket."""
+  """Global batch of pair indices -> this process's rows, padded to the global batch's bucket
+  (in the prefix-shared layout of `prefix.py` when `data.prefix_sharing`)."""
 
-  def __init__(self, pairs: PairStore, start: int, stop: int, buckets: Sequence[int]):
+  def __init__(self, pairs: PairStore, start: int, stop: int, data: ml_collections.ConfigDict):
     self._pairs, self._start, self._stop = pairs, start, stop
-    self._buckets = tuple(buckets)
+    self._buckets = tuple(data.length_buckets)
+    self._prefix_sharing = data.prefix_sharing
 
   def __call__(self, indices_G: np.ndarray) -> dict[str, np.ndarray]:
-    seq_len = collate.bucket_for(int(self._pairs.lengths[indices_G].max()), self._buckets)
     local = indices_G[self._start:self._stop]
+    if self._prefix_sharing:
+      longest = max(prefix.shared_length(self._pairs[int(i)]) for i in indices_G)
+      seq_len = collate.bucket_for(longest, prefix.shared_buckets(self._buckets))
+      return prefix.collate_shared([self._pairs[int(i)] for i in local], seq_len)
+    seq_len = collate.bucket_for(int(self._pairs.lengths[indices_G].max()), self._buckets)
     return collate.collate_pairs([self._pairs[int(i)] for i in local], seq_len)
 
 
@@ -243,7 +249,7 @@ def train_dataset(pairs: PairStore, data: ml_collections.ConfigDict, *,
   start, stop = _process_rows(data, process_index, process_count)
   ds = grain.MapDataset.range(len(pairs)).shuffle(seed=data.shuffle_seed)
   ds = ds.repeat(data.num_epochs).batch(data.batch_size, drop_remainder=True)
-  return ds.map(_LocalBatch(pairs, start, stop, data.length_buckets))
+  return ds.map(_LocalBatch(pairs, start, stop, data))
 
 
 def train_iterator(pairs: PairStore, data: ml_collections.ConfigDict, *,
@@ -261,4 +267,4 @@ def eval_iterator(pairs: PairStore, data: ml_collections.ConfigDict, *,
   _check_size(pairs, data, 'eval')
   start, stop = _process_rows(data, process_index, process_count)
   ds = grain.MapDataset.range(len(pairs)).batch(data.batch_size, drop_remainder=True)
-  return _iterator(ds.map(_LocalBatch(pairs, start, stop, data.length_buckets)), data)
+  return _iterator(ds.map(_LocalBatch(pairs, start, stop, data)), data)
