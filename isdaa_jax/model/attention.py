@@ -1,19 +1,24 @@
 """Grouped-query attention kernels and masks.
 
 Shapes: q [B, T, N, H] (N query heads), k and v [B, S, K, H] (K key/value heads, N % K == 0),
-mask [B, T, S] bool (True = may attend). Softmax always runs in float32.
+mask [B, T, S] bool (True = may attend). Scores accumulate and the softmax runs in float32. A query
+row that may attend to nothing (padding) outputs zeros in 'xla' and 'blocked', so the two agree
+everywhere.
 
 Implementations (`config.model.attention`):
   'xla'     plain scores [B, K, G, T, S] and softmax; any platform.
-  'blocked' online softmax over key blocks: never holds the float [T, S] scores of a head
-            (only the shared boolean mask), same result as 'xla' to float rounding.
-  'cudnn'   jax.nn.dot_product_attention with the fused cuDNN kernel (GPU only).
+  'blocked' online softmax over key blocks with a flash-attention backward (custom VJP that
+            recomputes each block from the saved log-sum-exp): neither pass holds float [T, S]
+            scores, only the boolean mask it is given. Same result as 'xla' to float rounding.
+  'cudnn'   jax.nn.dot_product_attention with the fused cuDNN kernel (GPU, bfloat16 only).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-# Masked scores; finite so that a fully masked (padding) query row stays finite instead of NaN.
+# Masked scores: finite, so no inf - inf NaN appears in the max-subtracted softmax.
 _MASKED = -1e30
 _KEY_BLOCK = 128
 
@@ -37,45 +42,91 @@ def _xla(q, k, v, mask):
   qg = _grouped(q, k.shape[2]) * (h ** -0.5)
   scores = jnp.einsum('btkgh,bskh->bkgts', qg, k, preferred_element_type=jnp.float32)
   scores = jnp.where(mask[:, None, None], scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  # exp(-1e30 - max) is already 0 where a row has a visible key; the product only zeroes the
+  # uniform distribution a fully masked row would otherwise get.
+  probs = (jax.nn.softmax(scores, axis=-1) * mask[:, None, None]).astype(v.dtype)
   out = jnp.einsum('bkgts,bskh->btkgh', probs, v)
   return out.reshape(b, t, n, h)
 
 
+def _block_scores(qg, kb, mb):
+  """Float32 scores [B, K, G, T, block] of one key block, _MASKED where masked."""
+  s = jnp.einsum('btkgh,bskh->bkgts', qg, kb, preferred_element_type=jnp.float32)
+  return jnp.where(mb[:, None, None], s, _MASKED)
+
+
+def _flash_forward(qg, k_blocks, v_blocks, m_blocks):
+  """Online softmax over key blocks: (out [B, K, G, T, H] float32, log-sum-exp [B, K, G, T])."""
+  b, t, kv, g, h = qg.shape
+
+  def step(carry, xs):
+    acc, row_max, denom = carry
+    kb, vb, mb = xs
+    s = _block_scores(qg, kb, mb)
+    new_max = jnp.maximum(row_max, s.max(-1))
+    correction = jnp.exp(row_max - new_max)
+    # Masked keys count zero even while a row has seen no visible key yet (max still -1e30).
+    p = jnp.exp(s - new_max[..., None]) * mb[:, None, None]
+    acc = acc * correction[..., None] + jnp.einsum(
+        'bkgts,bskh->bkgth', p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+    return (acc, new_max, denom * correction + p.sum(-1)), None
+
+  init = (jnp.zeros((b, kv, g, t, h), jnp.float32), jnp.full((b, kv, g, t), _MASKED, jnp.float32),
+          jnp.zeros((b, kv, g, t), jnp.float32))
+  (acc, row_max, denom), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, m_blocks))
+  denom = jnp.where(denom == 0, 1.0, denom)  # fully masked rows: 0 / 1
+  return acc / denom[..., None], row_max + jnp.log(denom)
+
+
+@jax.custom_vjp
+def _flash(qg, k_blocks, v_blocks, m_blocks):
+  return _flash_forward(qg, k_blocks, v_blocks, m_blocks)[0]
+
+
+def _flash_fwd(qg, k_blocks, v_blocks, m_blocks):
+  out, lse = _flash_forward(qg, k_blocks, v_blocks, m_blocks)
+  return out, (qg, k_blocks, v_blocks, m_blocks, out, lse)
+
+
+def _flash_bwd(res, d_out):
+  """Flash-attention backward: per key block, p = exp(s - lse), ds = p * (dp - rowsum(dO * O))."""
+  qg, k_blocks, v_blocks, m_blocks, out, lse = res
+  dt = qg.dtype
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out, axis=-1)  # [B, K, G, T]
+  d_out_c = d_out.astype(dt)
+
+  def step(dq, xs):
+    kb, vb, mb = xs
+    p = jnp.exp(_block_scores(qg, kb, mb) - lse[..., None]) * mb[:, None, None]
+    dv = jnp.einsum('bkgts,bkgth->bskh', p.astype(dt), d_out_c, preferred_element_type=jnp.float32)
+    dp = jnp.einsum('bkgth,bskh->bkgts', d_out_c, vb, preferred_element_type=jnp.float32)
+    ds = (p * (dp - delta[..., None])).astype(dt)
+    dq = dq + jnp.einsum('bkgts,bskh->btkgh', ds, kb, preferred_element_type=jnp.float32)
+    dk = jnp.einsum('bkgts,btkgh->bskh', ds, qg, preferred_element_type=jnp.float32)
+    return dq, (dk.astype(kb.dtype), dv.astype(vb.dtype))
+
+  dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(qg.shape, jnp.float32),
+                              (k_blocks, v_blocks, m_blocks))
+  return dq.astype(dt), dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
 def _blocked(q, k, v, mask, block=_KEY_BLOCK):
   b, t, n, h = q.shape
-  s = k.shape[1]
+  s, kv = k.shape[1], k.shape[2]
   pad = (-s) % block
   if pad:
     k = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, pad), (0, 0), (0, 0)))
     mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad)))
   nb = (s + pad) // block
-  kv_heads = k.shape[2]
-  qg = _grouped(q, kv_heads).astype(jnp.float32) * (h ** -0.5)
-  k_blocks = k.reshape(b, nb, block, kv_heads, h).swapaxes(0, 1)
-  v_blocks = v.reshape(b, nb, block, kv_heads, h).swapaxes(0, 1)
+  to_blocks = lambda x: x.reshape((b, nb, block) + x.shape[2:]).swapaxes(0, 1)
   m_blocks = mask.reshape(b, t, nb, block).transpose(2, 0, 1, 3)
-
-  def step(carry, xs):
-    acc, row_max, denom = carry
-    kb, vb, mb = xs
-    scores = jnp.einsum('btkgh,bskh->bkgts', qg, kb.astype(jnp.float32))
-    scores = jnp.where(mb[:, None, None], scores, _MASKED)
-    new_max = jnp.maximum(row_max, scores.max(-1))
-    correction = jnp.exp(row_max - new_max)
-    p = jnp.exp(scores - new_max[..., None])
-    acc = acc * correction[..., None] + jnp.einsum('bkgts,bskh->bkgth', p,
-                                                   vb.astype(jnp.float32))
-    denom = denom * correction + p.sum(-1)
-    return (acc, new_max, denom), None
-
-  g = n // kv_heads
-  init = (jnp.zeros((b, kv_heads, g, t, h), jnp.float32),
-          jnp.full((b, kv_heads, g, t), _MASKED, jnp.float32),
-          jnp.zeros((b, kv_heads, g, t), jnp.float32))
-  (acc, _, denom), _ = jax.lax.scan(step, init, (k_blocks, v_blocks, m_blocks))
-  out = acc / denom[..., None]
+  qg = _grouped(q, kv) * jnp.asarray(h ** -0.5, q.dtype)
+  out = _flash(qg, to_blocks(k.astype(q.dtype)), to_blocks(v.astype(q.dtype)), m_blocks)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -83,6 +134,11 @@ def _cudnn(q, k, v, mask):
   if jax.default_backend() != 'gpu':
     raise ValueError("config.model.attention='cudnn' needs a GPU; use 'xla' or 'blocked' on "
                      f'{jax.default_backend()}')
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError("config.model.attention='cudnn' needs config.model.dtype='bfloat16' (cuDNN "
+                     f"flash attention has no {q.dtype} kernel); use 'xla' or 'blocked' otherwise")
+  # JAX turns the boolean mask into a finite large-negative bias: padding rows stay finite
+  # (a uniform average there instead of zeros; their outputs are never used).
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation='cudnn')
 
 

@@ -33,6 +33,9 @@ from isdaa_jax.model import attention as attention_lib
 Array = jax.Array
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# 'dots' keeps the outputs of the weight matmuls (no batch dimension) and recomputes the rest,
+# including the attention score/probability einsums, whose batched [.., T, S] outputs are the
+# largest activations of a block.
 _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -249,7 +252,10 @@ class DecoderLayers(nnx.Module):
       return self._block(x, p, cos, sin, mask, kv, cache_index)
 
     if self.cfg.remat != 'none':
-      block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.cfg.remat])
+      # Inside scan the loop boundary already stops XLA from merging the recomputation into the
+      # forward pass, so CSE prevention (extra barriers, slower) is only needed when unrolled.
+      block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.cfg.remat],
+                             prevent_cse=not self.cfg.scan_layers)
     kv_all = None if cache is None else (cache['k'], cache['v'])
 
     if self.cfg.scan_layers:
