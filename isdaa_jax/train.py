@@ -204,6 +204,36 @@ def describe_nonfinite(metrics: dict) -> Optional[str]:
   return ', '.join(bad) if bad else None
 
 
+class Throughput:
+  """Tokens/s, model FLOP/s and MFU averaged over the steps since the last report.
+
+  One step's time seen from the host jitters (metrics arrive a step late, and a host-bound loop
+  sees several steps finish at once); a window's total does not. The caller leaves out time spent
+  on evaluation, hooks and checkpoints, and the first step of a run (compilation).
+  """
+
+  def __init__(self, flops_per_token: float, peak_flops: float):
+    self._flops_per_token = flops_per_token
+    self._peak_flops = peak_flops  # of all devices together
+    self._tokens, self._seconds, self._steps = 0.0, 0.0, 0
+
+  def add(self, tokens: float, seconds: float):
+    self._tokens += tokens
+    self._seconds += seconds
+    self._steps += 1
+
+  def report(self) -> dict:
+    """The window's averages ({} when it holds no timed step); starts a new window."""
+    if not self._steps or self._seconds <= 0:
+      return {}
+    tokens_s = self._tokens / self._seconds
+    flops_s = self._flops_per_token * tokens_s
+    out = {'perf/tokens_per_s': tokens_s, 'perf/model_flops_per_s': flops_s,
+           'perf/mfu': flops_s / self._peak_flops, 'perf/step_seconds': self._seconds / self._steps}
+    self._tokens, self._seconds, self._steps = 0.0, 0.0, 0
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop.
 
@@ -376,7 +406,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
         config.sample_eval, config.model, graphdef, kl_reference, mesh),)
   writer = MetricsWriter(workdir, config.train.tensorboard)
   peak = config.train.peak_flops_per_device or measure_peak_flops()
-  flops_tok = flops_per_token(model_cfg.num_params(), config.train.reference)
+  throughput = Throughput(flops_per_token(model_cfg.num_params(), config.train.reference),
+                          peak * jax.device_count())
   config_json = json.loads(config.to_json())
   preemption = _Preemption()
   start = int(state.step)
@@ -391,8 +422,14 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     if scalars:
       writer.write(step, scalars, tensorboard=True)
 
-  def log(step, metrics, seconds):
-    nonlocal last_good_step
+  def log(step, device_metrics):
+    """Pulls a step's metrics (waiting for the step to finish), checks and writes them."""
+    nonlocal clock, last_good_step
+    metrics = _to_host(device_metrics)
+    now = time.perf_counter()
+    if step > start + 1:  # a run's first step includes compilation
+      throughput.add(metrics['tokens'], now - clock)
+    clock = now
     bad = describe_nonfinite(metrics)
     if bad:
       kept = (f'the last good checkpoint (step {last_good_step}) in {checkpointer.directory} '
@@ -400,19 +437,17 @@ def run(config, workdir, step_hooks=()) -> TrainState:
               else 'no checkpoint had been written yet')
       raise TrainingDiverged(f'{bad} became non-finite at step {step}; {kept}; lower '
                              'config.optimizer.learning_rate or check the data')
-    tokens_s = metrics['tokens'] / max(seconds, 1e-9)
-    metrics['perf/tokens_per_s'] = tokens_s
-    metrics['perf/model_flops_per_s'] = flops_tok * tokens_s
-    metrics['perf/mfu'] = flops_tok * tokens_s / (peak * jax.device_count())
-    metrics['perf/step_seconds'] = seconds
-    writer.write(step, metrics, tensorboard=step % config.train.log_every == 0)
+    report = step % config.train.log_every == 0 or step == num_steps
+    if report:
+      metrics.update(throughput.report())
+    writer.write(step, metrics, tensorboard=report)
     bar.set_postfix(loss=f'{metrics["loss"]:.4f}', refresh=False)
 
   if start == 0:
     run_hooks(0)
   last_good_step = start
   pending = None  # (step, device metrics) of the step before, pulled one step late
-  timer = time.perf_counter()
+  clock = time.perf_counter()  # when the newest pulled step was seen finished
   try:
     for step in range(start + 1, num_steps + 1):
       try:
@@ -427,9 +462,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
       state, metrics = compiled.train_step(state, reference,
                                            sharding.global_batch(local, mesh))
       if pending is not None:
-        now = time.perf_counter()
-        log(pending[0], _to_host(pending[1]), now - timer)
-        timer = now
+        log(*pending)
       pending = (step, metrics)
       bar.update(1)
       save_now = (step % config.checkpoint.every_steps == 0 or step == num_steps
@@ -438,9 +471,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
       hook_now = any(step % every == 0 or step == num_steps for every, _ in step_hooks)
       if save_now or evaluate_now or hook_now:
         # Synchronize: this step's metrics are checked before anything is saved or evaluated.
-        now = time.perf_counter()
-        log(step, _to_host(metrics), now - timer)
-        timer, pending = now, None
+        log(step, metrics)
+        pending = None
         eval_loss = None
         if evaluate_now:
           scalars = _evaluate(compiled, state.params, reference, eval_batches, mesh,
@@ -454,8 +486,9 @@ def run(config, workdir, step_hooks=()) -> TrainState:
           last_good_step = step
         if preemption.raised:
           break
+        clock = time.perf_counter()  # evaluation, hooks and saving are not step time
     if pending is not None:
-      log(pending[0], _to_host(pending[1]), time.perf_counter() - timer)
+      log(*pending)
   finally:
     checkpointer.wait()
     preemption.restore()

@@ -151,3 +151,16 @@ def test_precomputed_reference_matches_in_step_reference():
   for _ in range(2):
     a, b = model_ref.step(BATCH), pre.step(batch)
     assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
+
+
+def test_throughput_averages_over_the_window_and_restarts():
+  t = train.Throughput(flops_per_token=1e6, peak_flops=1e9)
+  assert t.report() == {}
+  t.add(100, 0.5)
+  t.add(300, 0.0)  # host-bound: a step seen finished right after the one before
+  r = t.report()
+  assert r['perf/tokens_per_s'] == pytest.approx(800.0)
+  assert r['perf/model_flops_per_s'] == pytest.approx(8e8)
+  assert r['perf/mfu'] == pytest.approx(0.8)
+  assert r['perf/step_seconds'] == pytest.approx(0.25)
+  assert t.report() == {}
