@@ -34,7 +34,11 @@ class MeshError(ValueError):
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes for `num_devices`; one -1 takes the devices the others leave."""
   sizes = [mesh_config.data, mesh_config.fsdp, mesh_config.tensor]
+  if sizes.count(-1) > 1 or any(s < 1 and s != -1 for s in sizes):
+    raise MeshError(f'config.mesh {dict(zip(MESH_AXES, sizes))} is invalid: sizes must be >= 1, '
+                    'with at most one -1 (the remaining devices)')
   fixed = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % fixed:

@@ -29,6 +29,9 @@ def test_mesh_fill_and_errors():
     sharding.make_mesh(_mesh_cfg(3, -1, 1))
   with pytest.raises(sharding.MeshError, match='product match'):
     sharding.make_mesh(_mesh_cfg(2, 2, 1))
+  with pytest.raises(sharding.MeshError, match='at most one -1'):
+    sharding.make_mesh(_mesh_cfg(-1, -1, 1))
+  assert sharding.mesh_shape(_mesh_cfg(1, 1, -1), 4) == (1, 1, 4)
 
 
 def test_logical_rules_and_indivisible_fallback():
@@ -37,6 +40,28 @@ def test_logical_rules_and_indivisible_fallback():
   # 97 is not divisible by the tensor axis: replicated, not an error.
   assert sharding.logical_to_spec(('vocab', 'embed'), (97, 32), mesh) == P(None, 'fsdp')
   assert sharding.batch_sharding(mesh).spec == P(('data', 'fsdp'))
+
+
+def test_state_shardings_follow_the_table_for_every_parameter():
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
+  cfg = LlamaConfig.tiny(vocab_size=97, tie_word_embeddings=False)  # 97: tensor cannot split it
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  specs = {'/'.join(map(str, path)): s.spec for path, s in
+           nnx.to_flat_state(sharding.state_shardings(nnx.state(abstract), mesh))}
+  assert specs == {
+      'embed': P(None, 'fsdp'),
+      'final_norm': P('fsdp'),
+      'lm_head': P('fsdp', None),
+      'layers/attn_norm': P(None, 'fsdp'),
+      'layers/mlp_norm': P(None, 'fsdp'),
+      'layers/wq': P(None, 'fsdp', 'tensor', None),
+      'layers/wk': P(None, 'fsdp', 'tensor', None),
+      'layers/wv': P(None, 'fsdp', 'tensor', None),
+      'layers/wo': P(None, 'tensor', None, 'fsdp'),
+      'layers/w_gate': P(None, 'fsdp', 'tensor'),
+      'layers/w_up': P(None, 'fsdp', 'tensor'),
+      'layers/w_down': P(None, 'tensor', 'fsdp'),
+  }
 
 
 def _loss(model, batch):
