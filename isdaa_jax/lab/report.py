@@ -139,9 +139,9 @@ def write_report(rows, meta: dict, path: pathlib.Path):
 
 def plot(points, rows, workdir: pathlib.Path) -> list[pathlib.Path]:
   """gold vs sqrt(KL) per method (with fitted R(d) curves) and gold vs step; returns the PNGs."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+  # Figure objects, not pyplot: no global backend switch, so notebooks that run the study
+  # in-process keep their inline plots.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   methods = sorted({p['method'] for p in points})
   runs = collections.defaultdict(list)
@@ -152,7 +152,8 @@ def plot(points, rows, workdir: pathlib.Path) -> list[pathlib.Path]:
   for name, x_of, xlabel in (('gold_vs_sqrt_kl.png', lambda p: math.sqrt(max(p['kl'], 0.0)),
                               'sqrt KL(policy || reference)'),
                              ('gold_vs_step.png', lambda p: p['step'], 'step')):
-    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(methods), 3.6))
+    axes = fig.subplots(1, len(methods), squeeze=False)
     for ax, method in zip(axes[0], methods):
       for (m, imp, beta, seed), pts in sorted(runs.items()):
         if m != method:
@@ -176,6 +177,5 @@ def plot(points, rows, workdir: pathlib.Path) -> list[pathlib.Path]:
     fig.tight_layout()
     path = workdir / name
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     paths.append(path)
   return paths

@@ -38,6 +38,11 @@ def run_config(config, method: str, beta: float, importance: bool, seed: int, pa
   return cfg
 
 
+def run_name(method: str, beta: float, importance: bool, seed: int) -> str:
+  """The folder of one grid point under WORKDIR/runs."""
+  return f'{method}-b{beta:g}-is{int(importance)}-s{seed}'
+
+
 def _eval_hook(task: Task, reference, prompts, reference_samples, params, seed, points, tags):
   def hook(step: int, policy):
     key = jax.random.fold_in(jax.random.key(seed), step)
@@ -88,7 +93,7 @@ def run_study(config, workdir) -> dict:
           tags = dict(method=method, beta=float(beta), importance=importance, seed=seed)
           cfg = run_config(config, method, beta, importance, seed, pairs_path)
           cfg.model.path = str(ref_dir)
-          run_dir = workdir / 'runs' / f'{method}-b{beta:g}-is{int(importance)}-s{seed}'
+          run_dir = workdir / 'runs' / run_name(method, beta, importance, seed)
           hook = _eval_hook(task, ref_model, prompts, ref_samples, params, seed, points, tags)
           train.run(cfg, run_dir, step_hooks=((lab.eval_every, hook),))
           logging.info('lab run %s done (%.0f s elapsed)', run_dir.name, time.time() - started)
