@@ -112,7 +112,7 @@ def run_config(importance):
 
 def run_dir(importance):
   """The folder `study.run_study` trained this grid point in."""
-  return LAB_DIR / 'runs' / f'{METHOD}-b{BETA:g}-is{int(importance)}-s{SEED_RUN}'
+  return LAB_DIR / 'runs' / study.run_name(METHOD, BETA, importance, SEED_RUN)
 
 
 cfg = run_config(False)

@@ -37,7 +37,7 @@ import pandas as pd
 ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
             if (p / 'configs' / 'base.py').is_file())
 sys.path.insert(0, str(ROOT))
-from isdaa_jax.lab import report  # noqa: E402
+from isdaa_jax.lab import report, study  # noqa: E402
 from isdaa_jax.metrics_writer import read_metrics  # noqa: E402
 
 FAST = os.environ.get('ISDAA_NOTEBOOK_FAST') == '1'
@@ -165,7 +165,7 @@ plt.show()
 def run_dir(key):
   """The folder `study.run_study` trained the run (method, importance, beta, seed) in."""
   method, importance, beta, seed = key
-  return LAB_DIR / 'runs' / f'{method}-b{beta:g}-is{int(importance)}-s{seed}'
+  return LAB_DIR / 'runs' / study.run_name(method, beta, importance, seed)
 
 
 def train_rows(key):
