@@ -17,7 +17,15 @@ Parameters, with their Hugging Face names (W is HF's [out, in] Linear weight) an
 
 The decoder blocks keep their parameters stacked on a leading `layers` axis, so one pure block
 function serves the unrolled loop, `jax.lax.scan` over layers, and rematerialization.
-RoPE rotates the two halves of each head (HF's rotate_half), not interleaved pairs.
+RoPE rotates the two halves of each head (HF's rotate_half), not interleaved pairs, so HF's q/k
+projection rows need no permutation.
+
+Use:
+  hidden_BTD = model(input_ids_BT, positions_BT, segment_ids_BT)  # segment 0 = padding
+  hidden_BTD = model(..., attention_mask_BTT=mask)                # any mask, True = may attend
+  cache = model.init_cache(batch, max_len)                        # generation
+  hidden, cache = model.decode(prompt_BP, pos_BP, seg_BP, cache, 0)   # the prompt, one chunk
+  hidden, cache = model.decode(tok_B1, pos_B1, seg_B1, cache, P + i)  # then a token per call
 """
 
 import dataclasses
