@@ -69,6 +69,9 @@ def test_bfloat16_inputs_keep_their_dtype():
     got = attention.attention(q, k, v, mask, impl)
     assert got.dtype == jnp.bfloat16
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
+    f = lambda q, k, v: jnp.sum(attention.attention(q, k, v, mask, impl).astype(jnp.float32))
+    grads = jax.grad(f, (0, 1, 2))(q, k, v)
+    assert all(g.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(g))) for g in grads)
 
 
 def test_cudnn_refuses_cpu_and_unknown_names_fail():
