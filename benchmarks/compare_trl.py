@@ -14,13 +14,17 @@ tokenizes the text back to exactly the pairs' ids (it checks), initializes the m
 seed, saves it in Hugging Face format, and trains `warmup + steps` steps twice: with the reference
 model in the step, and with `precompute_ref_log_probs=True`. isdaa-jax then loads that same saved
 model and trains the same pairs, in this process: the reference model in the step (the same work
-as TRL), and the fast variant (precomputed reference log-probs, plus prefix-shared rows when the
-library has them). Only the last `steps` steps are timed on both sides (compilation and the first
-steps excluded); both sides sync on the loss every step.
+as TRL), a precomputed reference, and the fast variant (precomputed reference log-probs and
+prefix-shared rows). Only the last `steps` steps are timed on both sides (compilation and the
+first steps excluded); both sides sync on the loss every step.
 
 The last output line is one JSON object: `trl_pairs_per_s`, `isdaa_pairs_per_s`, `ratio`,
-`isdaa_fast_pairs_per_s`, `fast_ratio`, `trl_precomputed_pairs_per_s`, tokens/s as TRL counts
-them (prompt+chosen plus prompt+rejected), and the first-step losses of both (log 2 each).
+`isdaa_fast_pairs_per_s`, `fast_ratio`; both sides with a precomputed reference only
+(`trl_precomputed_pairs_per_s`, `isdaa_precomputed_pairs_per_s`); tokens/s as TRL counts them
+(prompt+chosen plus prompt+rejected); each side's best float32 matmul rate measured around its own
+runs and `ratio_per_matmul_peak`, and the ratios of each side's fastest step (`best_step_*`): on a
+shared machine the load of other work moves both sides' figures; and the first-step losses of
+both (log 2 each).
 """
 
 import argparse
@@ -110,9 +114,22 @@ _TRL_DRIVER = textwrap.dedent('''\
         return dict(seconds=seconds, step_seconds=[b - a for a, b in zip(ends, ends[1:])],
                     losses=timer.losses)
 
+    def matmul_peak(n=2048, reps=5):
+        x = torch.ones(n, n)
+        x @ x
+        best = float('inf')
+        for _ in range(reps):
+            start = time.perf_counter()
+            x @ x
+            best = min(best, time.perf_counter() - start)
+        return 2 * n ** 3 / best
+
+    peak_before = matmul_peak()
     out = dict(torch=torch.__version__, trl=trl.__version__,
                transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
-               reference_model=run(False), precomputed=run(True))
+               reference_model=run(False),
+               precomputed=run(True) if spec['trl_precomputed'] else None)
+    out['peak_flops_before_after'] = [peak_before, matmul_peak()]
     print(json.dumps(out))
 ''')
 
@@ -157,6 +174,7 @@ def run_trl(python: pathlib.Path, pairs, workdir: pathlib.Path, args) -> dict:
                          num_layers=LAYERS, num_heads=HEADS),
               pairs=pairs, batch_size=BATCH, beta=BETA, learning_rate=LEARNING_RATE,
               warmup=args.warmup, steps=args.steps, model_dir=str(workdir / 'model'),
+              trl_precomputed=not args.skip_trl_precomputed,
               out_dir=str(workdir / 'trl_out'))
   (workdir / 'spec.json').write_text(json.dumps(spec))
   (workdir / 'trl_driver.py').write_text(_TRL_DRIVER)
@@ -199,11 +217,11 @@ def main(argv=None):
     pair_tokens = sum(train_step.pair_tokens(p) for p in pairs) / len(pairs)
     timed_pairs = BATCH * args.steps
     results = {}
-    fast = {'train.reference': 'precomputed'}
-    if 'prefix_sharing' in base.data_config():
-      fast['data.prefix_sharing'] = True
+    fast = {'train.reference': 'precomputed', 'data.prefix_sharing': True}
     seq_len = PROMPT + RESPONSE
-    for name, overrides in (('isdaa', {}), ('isdaa_fast', fast)):
+    variants = (('isdaa', {}), ('isdaa_precomputed', {'train.reference': 'precomputed'}),
+                ('isdaa_fast', fast))
+    for name, overrides in variants:
       log(f'{name} {overrides} ...')
       config = isdaa_config(workdir / 'model', overrides)
       results[name] = train_step.benchmark(config, pairs, seq_len=seq_len, steps=args.steps,
@@ -212,7 +230,12 @@ def main(argv=None):
   print(json.dumps(dict(trl=trl)), flush=True)
 
   trl_s = trl['reference_model']['seconds']
-  trl_pre_s = trl['precomputed']['seconds']
+  trl_pre_s = trl['precomputed']['seconds'] if trl['precomputed'] else float('nan')
+  # The machine may be shared: each side's best float32 2048^3 matmul rate, measured around its
+  # own runs, says how much of the CPU it had.
+  trl_peak = max(trl['peak_flops_before_after'])
+  trl_steps = trl['reference_model']['step_seconds'][args.warmup:]
+  isdaa_peak = max(results['isdaa']['peak_flops_before_after'])
   summary = dict(
       trl_pairs_per_s=timed_pairs / trl_s,
       isdaa_pairs_per_s=results['isdaa']['pairs_per_s'],
@@ -221,6 +244,13 @@ def main(argv=None):
       fast_ratio=results['isdaa_fast']['pairs_per_s'] * trl_s / timed_pairs,
       fast_variant=fast,
       trl_precomputed_pairs_per_s=timed_pairs / trl_pre_s,
+      isdaa_precomputed_pairs_per_s=results['isdaa_precomputed']['pairs_per_s'],
+      # From each side's fastest timed step: the least disturbed one on a shared machine.
+      trl_best_step_pairs_per_s=BATCH / min(trl_steps),
+      isdaa_best_step_pairs_per_s=BATCH / results['isdaa']['step_s_min'],
+      isdaa_fast_best_step_pairs_per_s=BATCH / results['isdaa_fast']['step_s_min'],
+      best_step_ratio=min(trl_steps) / results['isdaa']['step_s_min'],
+      best_step_fast_ratio=min(trl_steps) / results['isdaa_fast']['step_s_min'],
       fast_ratio_vs_trl_precomputed=results['isdaa_fast']['pairs_per_s'] * trl_pre_s
       / timed_pairs,
       trl_tokens_per_s=timed_pairs * pair_tokens / trl_s,
@@ -228,7 +258,11 @@ def main(argv=None):
       isdaa_fast_tokens_per_s=results['isdaa_fast']['tokens_per_s'],
       isdaa_mfu=results['isdaa']['mfu'],
       isdaa_fast_mfu=results['isdaa_fast']['mfu'],
-      peak_flops_per_s=results['isdaa']['peak_flops_per_s'],
+      trl_matmul_flops_per_s=trl_peak,
+      isdaa_matmul_flops_per_s=isdaa_peak,
+      # pairs/s per matmul FLOP/s available to each side: the ratio with the load factored out.
+      ratio_per_matmul_peak=results['isdaa']['pairs_per_s'] / isdaa_peak
+      / (timed_pairs / trl_s / trl_peak),
       first_loss=dict(trl=trl['reference_model']['losses'][0],
                       isdaa=results['isdaa']['losses'][0]),
       steps=args.steps, warmup=args.warmup,

@@ -3,11 +3,13 @@
   python benchmarks/train_step.py                       # every variant, the TRL-comparison model
   python benchmarks/train_step.py --variants=baseline,precomputed --batch_size=16
   python benchmarks/train_step.py --preset=llama3.2-1b --batch_size=8 --prompt_length=512 \
-      --response_length=256 --variants=precomputed_remat_dots_bf16     # on an accelerator
+      --response_length=256 --variants=precomputed_remat_dots_bf16,prefix_shared_precomputed \
+      --set=model.dtype=bfloat16 --set=model.attention=cudnn --set=model.remat=dots   # on a GPU
 
 Each variant runs in a subprocess of its own (so its peak host memory is its own) that drives
 `isdaa_jax.train`'s jitted step directly on fixed synthetic pairs: the compile and `--warmup`
-steps are excluded, then `--steps` steps are timed, each waited for. Per variant it reports
+steps are excluded, then `--steps` steps are timed, each waited for (a step's time includes
+collating its batch on the host and sending it to the device). Per variant it reports
 pairs/s; tokens/s counted as TRL does (prompt+chosen plus prompt+rejected, padding excluded);
 the tokens the model actually ran (fewer with prefix sharing); step time; model FLOP/s
 (6N per processed token for the policy's forward+backward, 2N more for an in-step reference, N =
@@ -18,6 +20,7 @@ before and after the steps; peak host memory (getrusage) and XLA's memory plan o
 """
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -34,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from isdaa_jax import sharding, train  # noqa: E402
-from isdaa_jax.data import collate  # noqa: E402
+from isdaa_jax.data import collate, prefix  # noqa: E402
 from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 
@@ -51,10 +54,9 @@ VARIANTS = {
     'precomputed_remat_dots_bf16': {'train.reference': 'precomputed', 'model.remat': 'dots',
                                     'model.dtype': 'bfloat16'},
 }
-if 'prefix_sharing' in base.data_config():
-  VARIANTS['prefix_shared'] = {'data.prefix_sharing': True}
-  VARIANTS['prefix_shared_precomputed'] = {'data.prefix_sharing': True,
-                                           'train.reference': 'precomputed'}
+VARIANTS['prefix_shared'] = {'data.prefix_sharing': True}
+VARIANTS['prefix_shared_precomputed'] = {'data.prefix_sharing': True,
+                                         'train.reference': 'precomputed'}
 
 _MODEL_FLAGS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
                 'num_kv_heads', 'head_dim')
@@ -84,6 +86,9 @@ def parse_args(argv=None):
   p.add_argument('--peak_matmul_size', type=int, default=0,
                  help='side of the square matmul that measures the peak (0: 2048 on CPU, 8192 '
                       'on accelerators)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help="config override applied to every variant before its own, e.g. "
+                      "--set=model.attention=cudnn (repeatable; values parsed as Python literals)")
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--in_process', action='store_true',
                  help='run the variants in this process (host memory then accumulates)')
@@ -104,6 +109,19 @@ def synthetic_pairs(n: int, prompt_length: int, response_length: int, vocab_size
   return pairs
 
 
+def _parse_sets(sets) -> dict:
+  out = {}
+  for item in sets:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise SystemExit(f'--set={item!r} is not KEY=VALUE; write e.g. --set=model.remat=dots')
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value  # a bare string such as cudnn
+  return out
+
+
 def make_config(args, overrides: dict):
   config = base.get_config()
   m = config.model
@@ -120,7 +138,7 @@ def make_config(args, overrides: dict):
   config.optimizer.warmup_steps = 0
   config.optimizer.learning_rate = 1e-6
   config.seed = args.seed
-  for key, value in overrides.items():
+  for key, value in {**_parse_sets(args.set), **overrides}.items():
     node = config
     *path, last = key.split('.')
     for part in path:
@@ -157,11 +175,11 @@ def device_peak_bytes():
 
 def local_batch(config, pairs, seq_len: int) -> dict:
   """One fixed-shape local batch in the layout the config trains on (what the pipeline emits)."""
-  batch = collate.collate_pairs(pairs, seq_len)
-  if 'prefix_sharing' in config.data and config.data.prefix_sharing:
-    from isdaa_jax.data import prefix  # pylint: disable=g-import-not-at-top
-    batch = prefix.share_prefixes(batch)
-  return batch
+  if config.data.prefix_sharing:
+    # Rows padded as much as the unshared ones are (none at the default --seq_len).
+    extra = seq_len - max(collate.pair_length(p) for p in pairs)
+    return prefix.collate_shared(pairs, max(map(prefix.shared_length, pairs)) + extra)
+  return collate.collate_pairs(pairs, seq_len)
 
 
 def processed_tokens(batch: dict) -> int:
@@ -301,6 +319,8 @@ def _child_argv(args) -> list[str]:
       continue
     if isinstance(value, bool):
       out += [f'--{key}'] if value else []
+    elif isinstance(value, list):
+      out += [f'--{key}={v}' for v in value]
     else:
       out.append(f'--{key}={value}')
   return out
@@ -311,6 +331,7 @@ def main(argv=None):
   if args.child:
     print(json.dumps(run_variant(args, args.child)), flush=True)
     return
+  _parse_sets(args.set)  # a malformed --set fails here, once
   names = [v for v in args.variants.split(',') if v]
   unknown = [v for v in names if v not in VARIANTS]
   if unknown:
