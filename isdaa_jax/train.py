@@ -35,7 +35,6 @@ from isdaa_jax.model import logprobs
 from isdaa_jax.model.llama import Llama, LlamaConfig
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 
-SIDES = ('chosen', 'rejected')
 
 
 @flax.struct.dataclass
