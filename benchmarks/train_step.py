@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from isdaa_jax import sharding, train  # noqa: E402
-from isdaa_jax.data import collate, prefix  # noqa: E402
+from isdaa_jax.data import collate, packing, prefix  # noqa: E402
 from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 
@@ -56,6 +56,10 @@ VARIANTS = {
 }
 VARIANTS['prefix_shared'] = {'data.prefix_sharing': True}
 VARIANTS['prefix_shared_precomputed'] = {'data.prefix_sharing': True,
+                                         'train.reference': 'precomputed'}
+# Packing pays only when lengths vary: run these with --length_spread (e.g. 0.75).
+VARIANTS['packed'] = {'data.packing': True}
+VARIANTS['packed_shared_precomputed'] = {'data.packing': True, 'data.prefix_sharing': True,
                                          'train.reference': 'precomputed'}
 
 _MODEL_FLAGS = ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
@@ -79,6 +83,9 @@ def parse_args(argv=None):
   p.add_argument('--batch_size', type=int, default=8, help='pairs per step')
   p.add_argument('--prompt_length', type=int, default=64)
   p.add_argument('--response_length', type=int, default=32)
+  p.add_argument('--length_spread', type=float, default=0.0,
+                 help='0: every prompt and response has the full length; s in (0, 1): lengths '
+                      'uniform in [(1 - s) * length, length], so padding and packing differ')
   p.add_argument('--seq_len', type=int, default=0,
                  help='padded length of each side (0: prompt + response, no padding)')
   p.add_argument('--steps', type=int, default=8, help='timed steps')
@@ -97,15 +104,17 @@ def parse_args(argv=None):
 
 
 def synthetic_pairs(n: int, prompt_length: int, response_length: int, vocab_size: int,
-                    seed: int) -> list[dict]:
-  """Pairs of fixed lengths; token ids avoid 0-2 (pad, BOS, EOS) and responses end with EOS."""
+                    seed: int, spread: float = 0.0) -> list[dict]:
+  """Pairs of the given lengths (each uniform in [(1 - spread) * length, length] when spread > 0);
+  token ids avoid 0-2 (pad, BOS, EOS) and responses end with EOS."""
   rng = np.random.default_rng(seed)
+  size = lambda full: int(rng.integers(max(1, round((1 - spread) * full)), full + 1))
   pairs = []
   for _ in range(n):
     pairs.append(dict(
-        prompt_ids=[1] + rng.integers(3, vocab_size, prompt_length - 1).tolist(),
-        chosen_ids=rng.integers(3, vocab_size, response_length - 1).tolist() + [2],
-        rejected_ids=rng.integers(3, vocab_size, response_length - 1).tolist() + [2]))
+        prompt_ids=[1] + rng.integers(3, vocab_size, size(prompt_length) - 1).tolist(),
+        chosen_ids=rng.integers(3, vocab_size, size(response_length) - 1).tolist() + [2],
+        rejected_ids=rng.integers(3, vocab_size, size(response_length) - 1).tolist() + [2]))
   return pairs
 
 
@@ -173,13 +182,33 @@ def device_peak_bytes():
   return None if not stats else stats.get('peak_bytes_in_use')
 
 
-def local_batch(config, pairs, seq_len: int) -> dict:
-  """One fixed-shape local batch in the layout the config trains on (what the pipeline emits)."""
+def batch_layout(config, batch_pairs, seq_len: int, row_multiple: int) -> dict:
+  """One shape for every batch of the run (one compiled step): the padded length of unshared
+  rows, of shared rows, or the packed row length and rows per micro-batch."""
+  pairs = [p for chunk in batch_pairs for p in chunk]
+  # Shared rows are padded as much as the unshared ones are (none at the default --seq_len).
+  extra = seq_len - max(collate.pair_length(p) for p in pairs)
+  shared_len = max(map(prefix.shared_length, pairs)) + extra
+  layout = dict(seq_len=seq_len, shared_len=shared_len, packed_rows=0)
+  if config.data.packing:
+    layout['pack_length'] = shared_len if config.data.prefix_sharing else seq_len
+    n = config.optimizer.grad_accum_steps
+    layout['packed_rows'] = max(
+        packing.rows_needed(chunk[i::n], layout['pack_length'], config.data.prefix_sharing)
+        for chunk in batch_pairs for i in range(n))
+    layout['packed_rows'] = -(-layout['packed_rows'] // row_multiple) * row_multiple
+  return layout
+
+
+def local_batch(config, pairs, layout: dict) -> dict:
+  """One local batch in the layout the config trains on (what the pipeline emits)."""
+  if config.data.packing:
+    return packing.collate_packed(pairs, layout['pack_length'], shared=config.data.prefix_sharing,
+                                  micro_batches=config.optimizer.grad_accum_steps,
+                                  min_rows=layout['packed_rows'])
   if config.data.prefix_sharing:
-    # Rows padded as much as the unshared ones are (none at the default --seq_len).
-    extra = seq_len - max(collate.pair_length(p) for p in pairs)
-    return prefix.collate_shared(pairs, max(map(prefix.shared_length, pairs)) + extra)
-  return collate.collate_pairs(pairs, seq_len)
+    return prefix.collate_shared(pairs, layout['shared_len'])
+  return collate.collate_pairs(pairs, layout['seq_len'])
 
 
 def processed_tokens(batch: dict) -> int:
@@ -236,7 +265,9 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   step_cfg = train.StepConfig(loss=config.loss, reference=config.train.reference,
                               logprob_chunk_size=config.model.logprob_chunk_size,
                               grad_accum_steps=config.optimizer.grad_accum_steps)
-  first = local_batch(config, batch_pairs[0], seq_len)
+  layout = batch_layout(config, batch_pairs, seq_len,
+                        mesh.shape['data'] * mesh.shape['fsdp'])
+  first = local_batch(config, batch_pairs[0], layout)
   compiled = train.compile_steps(graphdef, tx, schedule, step_cfg, state_sharding,
                                  params_sharding if reference else {}, tuple(first), mesh)
   start = time.perf_counter()
@@ -254,7 +285,7 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   for i in range(warmup + steps):
     chunk = batch_pairs[i % len(batch_pairs)]
     start = time.perf_counter()
-    batch = local_batch(config, chunk, seq_len)
+    batch = local_batch(config, chunk, layout)
     state, metrics = step_fn(state, reference, sharding.global_batch(batch, mesh))
     losses.append(float(metrics['loss']))  # waits for the step
     times.append(time.perf_counter() - start)
@@ -276,6 +307,7 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
       matmul_params=n_mm,
       batch_pairs=b,
       seq_len=int(first[next(k for k in first if k.endswith('input_ids'))].shape[1]),
+      batch_rows=int(first[next(k for k in first if k.endswith('input_ids'))].shape[0]),
       steps=steps,
       pairs_per_s=b * steps / total_s,
       tokens_per_s=float(trl_tokens) / total_s,
@@ -304,7 +336,7 @@ def run_variant(args, name: str) -> dict:
   vocab = (LlamaConfig.preset(args.preset).vocab_size if args.preset
            else config.model.vocab_size)
   pairs = synthetic_pairs(4 * args.batch_size, args.prompt_length, args.response_length, vocab,
-                          args.seed)
+                          args.seed, args.length_spread)
   result = benchmark(config, pairs, seq_len=args.seq_len or args.prompt_length
                      + args.response_length, steps=args.steps, warmup=args.warmup,
                      peak_matmul_size=args.peak_matmul_size, name=name)

@@ -88,6 +88,12 @@ def data_config() -> ml_collections.ConfigDict:
   # so the prompt runs once instead of twice; log-probs are those of the two-row layout. Rows
   # take the smallest of length_buckets and their doubles that holds prompt + chosen + rejected.
   d.prefix_sharing = False
+  # Padding-free packing (isdaa_jax/data/packing.py): the sequences of a batch's pairs (or their
+  # prefix-shared rows) laid end to end in rows of pack_length tokens with segment ids, instead of
+  # one padded row each. Pays when lengths vary a lot within a batch; padding to length_buckets
+  # stays the default. pack_length 0 = the largest bucket (its double with prefix_sharing).
+  d.packing = False
+  d.pack_length = 0
   # Global batch size in pairs (split across JAX processes and data-parallel devices).
   d.batch_size = 8
   d.shuffle_seed = 0

@@ -88,6 +88,14 @@ def validate_data(data: ml_collections.ConfigDict):
   _require(max(buckets) >= data.max_length,
            f'the largest of config.data.length_buckets ({max(buckets)}) must be >= '
            f'config.data.max_length ({data.max_length}) so every kept pair fits a bucket')
+  _require(data.pack_length >= 0,
+           f'config.data.pack_length must be >= 0 (0 = the largest bucket), got {data.pack_length}')
+  if data.packing and data.pack_length:
+    longest = 2 * data.max_length if data.prefix_sharing else data.max_length
+    _require(data.pack_length >= longest,
+             f'config.data.pack_length ({data.pack_length}) must hold the longest packed unit: '
+             f'{longest} tokens (config.data.max_length'
+             f'{" x 2 with prefix_sharing" if data.prefix_sharing else ""}); raise it or set 0')
   _require(data.num_epochs > 0, f'config.data.num_epochs must be > 0, got {data.num_epochs}')
   _require(data.worker_count >= 0,
            f'config.data.worker_count must be >= 0, got {data.worker_count}')

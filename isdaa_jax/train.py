@@ -29,7 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from isdaa_jax import losses, sharding
-from isdaa_jax.data import prefix
+from isdaa_jax.data import packing, prefix
 from isdaa_jax.metrics_writer import MetricsWriter
 from isdaa_jax.model import logprobs
 from isdaa_jax.model.llama import Llama, LlamaConfig
@@ -55,8 +55,10 @@ class StepConfig:
 
 def sequence_logps(graphdef, params, batch, chunk_size: int):
   """Summed response log-probs and token counts of chosen and rejected, one forward of 2B (or of
-  B prefix-shared rows when the batch has that layout, `config.data.prefix_sharing`)."""
+  B prefix-shared rows, `config.data.prefix_sharing`, or of the packed rows, `data.packing`)."""
   model = nnx.merge(graphdef, params)
+  if packing.KEY in batch:
+    return packing.sequence_logps(model, batch, chunk_size)
   if prefix.KEY in batch:
     return prefix.sequence_logps(model, batch, chunk_size)
   cat = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']], axis=0)
@@ -379,10 +381,13 @@ def run(config, workdir, step_hooks=()) -> TrainState:
                      f'data-parallel mesh size data*fsdp={data_parallel}')
   data = pipeline.load(config.data, model_path=config.model.path,
                        vocab_size=model_cfg.vocab_size)
-  train_iterator = pipeline.train_iterator(data.train, config.data)
+  train_iterator = pipeline.train_iterator(data.train, config.data,
+                                           micro_batches=config.optimizer.grad_accum_steps,
+                                           row_multiple=data_parallel)
 
   def eval_batches():
-    return iter(()) if data.eval is None else pipeline.eval_iterator(data.eval, config.data)
+    return iter(()) if data.eval is None else pipeline.eval_iterator(
+        data.eval, config.data, row_multiple=data_parallel)
 
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True)
   sharded_abstract = jax.tree.map(

@@ -23,7 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from isdaa_jax.data import collate, prefix, sources
+from isdaa_jax.data import collate, packing, prefix, sources
 from isdaa_jax.data.sources import DataSourceError
 from isdaa_jax.data.tokenize import PairTokenizer
 
@@ -190,16 +190,34 @@ def _eval_rows(data: ml_collections.ConfigDict) -> Sequence[Mapping] | None:
   return sources.read_rows(data, data.eval_split)
 
 
+def pack_length(data: ml_collections.ConfigDict) -> int:
+  """Row length of packed batches: `data.pack_length`, else the largest bucket of the layout."""
+  buckets = tuple(data.length_buckets)
+  return data.pack_length or max(prefix.shared_buckets(buckets) if data.prefix_sharing
+                                 else buckets)
+
+
 class _LocalBatch:
   """Global batch of pair indices -> this process's rows, padded to the global batch's bucket
-  (in the prefix-shared layout of `prefix.py` when `data.prefix_sharing`)."""
+  (in the prefix-shared layout of `prefix.py` when `data.prefix_sharing`), or packed
+  (`packing.py`) when `data.packing`."""
 
-  def __init__(self, pairs: PairStore, start: int, stop: int, data: ml_collections.ConfigDict):
+  def __init__(self, pairs: PairStore, start: int, stop: int, data: ml_collections.ConfigDict,
+               micro_batches: int, row_multiple: int):
     self._pairs, self._start, self._stop = pairs, start, stop
     self._buckets = tuple(data.length_buckets)
     self._prefix_sharing = data.prefix_sharing
+    self._pack_length = pack_length(data) if data.packing else 0
+    self._micro_batches, self._row_multiple = micro_batches, row_multiple
 
   def __call__(self, indices_G: np.ndarray) -> dict[str, np.ndarray]:
+    if self._pack_length:
+      # Every process packs the whole global batch alike and keeps its share of rows and pairs.
+      batch = packing.collate_packed([self._pairs[int(i)] for i in indices_G], self._pack_length,
+                                     shared=self._prefix_sharing,
+                                     micro_batches=self._micro_batches,
+                                     row_multiple=self._row_multiple)
+      return packing.local_rows(batch, self._start, self._stop, len(indices_G))
     local = indices_G[self._start:self._stop]
     if self._prefix_sharing:
       longest = max(prefix.shared_length(self._pairs[int(i)]) for i in indices_G)
@@ -209,14 +227,16 @@ class _LocalBatch:
     return collate.collate_pairs([self._pairs[int(i)] for i in local], seq_len)
 
 
-def _process_rows(data, process_index, process_count) -> tuple[int, int]:
+def _local_batch(pairs, data, process_index, process_count, micro_batches,
+                 row_multiple) -> _LocalBatch:
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if data.batch_size % count:
     raise DataSourceError(f'config.data.batch_size={data.batch_size} must be divisible by the '
                           f'number of JAX processes ({count})')
   local = data.batch_size // count
-  return index * local, (index + 1) * local
+  return _LocalBatch(pairs, index * local, (index + 1) * local, data, micro_batches,
+                     row_multiple or count)
 
 
 def _iterator(ds: grain.MapDataset, data) -> grain.DatasetIterator:
@@ -242,29 +262,35 @@ def steps_per_epoch(pairs: PairStore, data: ml_collections.ConfigDict) -> int:
 
 
 def train_dataset(pairs: PairStore, data: ml_collections.ConfigDict, *,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.MapDataset:
-  """Shuffled (per epoch), repeated `num_epochs` times, batched, this process's rows collated."""
+                  process_index: int | None = None, process_count: int | None = None,
+                  micro_batches: int = 1, row_multiple: int = 0) -> grain.MapDataset:
+  """Shuffled (per epoch), repeated `num_epochs` times, batched, this process's rows collated.
+
+  Packed batches (`data.packing`) pack each of `micro_batches` strided micro-batches on its own
+  (the step's gradient accumulation) and round their rows up to `row_multiple` (the
+  data-parallel devices; 0 = the process count).
+  """
   _check_size(pairs, data, 'train')
-  start, stop = _process_rows(data, process_index, process_count)
   ds = grain.MapDataset.range(len(pairs)).shuffle(seed=data.shuffle_seed)
   ds = ds.repeat(data.num_epochs).batch(data.batch_size, drop_remainder=True)
-  return ds.map(_LocalBatch(pairs, start, stop, data))
+  return ds.map(_local_batch(pairs, data, process_index, process_count, micro_batches,
+                             row_multiple))
 
 
 def train_iterator(pairs: PairStore, data: ml_collections.ConfigDict, *,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+                   process_index: int | None = None, process_count: int | None = None,
+                   micro_batches: int = 1, row_multiple: int = 0) -> grain.DatasetIterator:
   """Local train batches; `get_state()`/`set_state()` resume exactly where they left off."""
   return _iterator(train_dataset(pairs, data, process_index=process_index,
-                                 process_count=process_count), data)
+                                 process_count=process_count, micro_batches=micro_batches,
+                                 row_multiple=row_multiple), data)
 
 
 def eval_iterator(pairs: PairStore, data: ml_collections.ConfigDict, *,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
+                  process_index: int | None = None, process_count: int | None = None,
+                  row_multiple: int = 0) -> grain.DatasetIterator:
   """One pass in file order, no shuffle; a fresh iterator per evaluation."""
   _check_size(pairs, data, 'eval')
-  start, stop = _process_rows(data, process_index, process_count)
   ds = grain.MapDataset.range(len(pairs)).batch(data.batch_size, drop_remainder=True)
-  return _iterator(ds.map(_LocalBatch(pairs, start, stop, data)), data)
+  return _iterator(ds.map(_local_batch(pairs, data, process_index, process_count, 1,
+                                       row_multiple)), data)

@@ -45,7 +45,9 @@ def shared_buckets(length_buckets: Sequence[int]) -> tuple[int, ...]:
   return tuple(sorted(set(length_buckets) | {2 * b for b in length_buckets}))
 
 
-def _row(pair: Mapping, seq_len: int) -> dict:
+def pair_row(pair: Mapping, seq_len: int) -> dict:
+  """One pair's shared row padded to `seq_len`: [seq_len] arrays (`segment_ids` holds the roles
+  PROMPT/CHOSEN/REJECTED) and the scalars `prompt_last`, `rejected_first`, `rejected_first_mask`."""
   prompt = np.asarray(pair['prompt_ids'], np.int32)
   chosen = np.asarray(pair['chosen_ids'], np.int32)
   rejected = np.asarray(pair['rejected_ids'], np.int32)
@@ -79,7 +81,7 @@ def collate_shared(pairs: Sequence[Mapping], seq_len: int) -> dict[str, np.ndarr
   """Stacks tokenized pairs into the prefix-shared batch layout of the module doc."""
   if not pairs:
     raise ValueError('collate_shared needs at least one pair')
-  rows = [_row(p, seq_len) for p in pairs]
+  rows = [pair_row(p, seq_len) for p in pairs]
   out = {f'shared_{k}': np.stack([np.asarray(r[k], np.int32) for r in rows]) for k in rows[0]}
   for col in collate.LOGP_COLUMNS:
     if all(col in p and p[col] is not None for p in pairs):

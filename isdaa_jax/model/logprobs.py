@@ -10,11 +10,18 @@ import jax.numpy as jnp
 
 
 def _chunk_logps(hidden_BCD, unembed_DV, targets_BC):
-  # Matmul in the compute dtype with float32 accumulation; log-softmax in float32.
-  logits = jnp.einsum('bcd,dv->bcv', hidden_BCD, unembed_DV.astype(hidden_BCD.dtype),
-                      preferred_element_type=jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets_BC[..., None], axis=-1)[..., 0]
-  return target_logit - jax.nn.logsumexp(logits, axis=-1)
+  # Matmul in the compute dtype with float32 accumulation; log-softmax in float32. On [B*C, D]
+  # rows (M = B*C): a two-axis contraction in the weight gradient falls off XLA's CPU GEMM path.
+  b, c, d = hidden_BCD.shape
+  dt = hidden_BCD.dtype
+  h_MD = hidden_BCD.reshape(b * c, d)
+  w_DV = unembed_DV.astype(dt)
+  logits_MV = jnp.einsum('md,dv->mv', h_MD, w_DV, preferred_element_type=jnp.float32)
+  # The target logit as a dot with the target's unembedding column, not a gather from the
+  # logits: the gather's backward would scatter into a dense [M, V] zero array.
+  w_target_DM = jnp.take(w_DV, targets_BC.reshape(b * c), axis=1)
+  target_logit_M = jnp.einsum('md,dm->m', h_MD, w_target_DM, preferred_element_type=jnp.float32)
+  return (target_logit_M - jax.nn.logsumexp(logits_MV, axis=-1)).reshape(b, c)
 
 
 def token_logps(hidden_BTD, unembed_DV, targets_BT, chunk_size: int):
