@@ -28,9 +28,7 @@ import functools
 import json
 import os
 import pathlib
-import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from configs import lab as lab_config  # noqa: E402
 from isdaa_jax import checkpoint, losses, sharding, train  # noqa: E402
 from isdaa_jax.data import collate  # noqa: E402
+from isdaa_jax.lab import results as lab_results  # noqa: E402
 from isdaa_jax.lab import study  # noqa: E402
 from isdaa_jax.optimizer import make_optimizer  # noqa: E402
 
@@ -62,29 +61,8 @@ plt.rcParams.update({'figure.dpi': 60 if FAST else 100, 'axes.grid': False})
 LAB_DIR = pathlib.Path(os.environ.get('ISDAA_LAB_DIR', 'runs/lab-quick'))
 LAB_DIR = LAB_DIR if LAB_DIR.is_absolute() else ROOT / LAB_DIR
 
-# The lab's own command line; fast mode shrinks it to tests/lab_test.py's smoke grid (seconds).
-LAB_COMMAND = [sys.executable, '-m', 'isdaa_jax.lab', '--config=configs/lab.py:quick']
-SMOKE_OVERRIDES = ["--config.lab.methods=('dpo',)", '--config.lab.seeds=(0,)',
-                   '--config.lab.sft.num_demos=256', '--config.lab.sft.steps=20',
-                   '--config.lab.num_pairs=96', '--config.lab.eval_prompts=16',
-                   '--config.lab.eval_every=2', '--config.data.batch_size=16',
-                   '--config.train.num_steps=4']
-
-if not (LAB_DIR / 'results.json').is_file():
-  if FAST and 'ISDAA_LAB_DIR' not in os.environ:
-    # A smoke run must never pose as the quick lab in runs/lab-quick.
-    LAB_DIR = pathlib.Path(tempfile.mkdtemp(prefix='isdaa-lab-smoke-'))
-  if LAB_DIR.is_dir() and any(LAB_DIR.iterdir()):
-    raise FileExistsError(f'{LAB_DIR} holds an unfinished lab run (no results.json); delete it '
-                          'or set ISDAA_LAB_DIR to another folder')
-  command = LAB_COMMAND + (SMOKE_OVERRIDES if FAST else []) + [f'--workdir={LAB_DIR}']
-  print(' '.join(command[1:]))
-  # A separate process: the lab's report switches pyplot to Agg, which would end inline plots.
-  lab = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
-  if lab.returncode:
-    raise RuntimeError(f'the lab failed (exit {lab.returncode}):\n{lab.stderr[-3000:]}')
-
-results = json.loads((LAB_DIR / 'results.json').read_text())
+LAB_DIR, results = lab_results.find_or_run(LAB_DIR, smoke=FAST,
+                                           explicit='ISDAA_LAB_DIR' in os.environ, cwd=ROOT)
 # DPO (or the lab's first method when it ran no DPO) at its first beta and first seed, without
 # and with the weight.
 first = min(results['summary'], key=lambda r: (r['method'] != PREFERRED_METHOD, r['method'],

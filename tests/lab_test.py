@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
+
 from configs import lab as lab_config
+from isdaa_jax.lab import results as lab_results
 from isdaa_jax.lab import study
 from isdaa_jax.metrics_writer import read_metrics
 
@@ -49,3 +52,16 @@ def test_lab_smoke_run_writes_results_report_and_plots(tmp_path):
   logged = read_metrics(run)
   assert any('lab/gold' in r for r in logged) and any('is/weight_mean' in r for r in logged)
   assert (run / 'checkpoints' / '4').exists()
+
+
+def test_find_or_run_reads_finished_results_and_never_overwrites_an_unfinished_run(tmp_path):
+  done = tmp_path / 'done'
+  done.mkdir()
+  (done / 'results.json').write_text('{"meta": {"mode": "quick"}}')
+  assert lab_results.find_or_run(done, smoke=True, explicit=True, cwd=tmp_path) == (
+      done, {'meta': {'mode': 'quick'}})
+  unfinished = tmp_path / 'unfinished'
+  unfinished.mkdir()
+  (unfinished / 'metrics.jsonl').write_text('')
+  with pytest.raises(FileExistsError, match='holds an unfinished lab run'):
+    lab_results.find_or_run(unfinished, smoke=True, explicit=True, cwd=tmp_path)
