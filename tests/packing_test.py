@@ -1,4 +1,4 @@
-"""Packed rows: layout, mask, and log-probs, gradients and train steps equal to the padded layout."""
+"""Packed rows: layout, mask; log-probs, gradients and train steps equal to the padded layout."""
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +83,9 @@ def test_mask_is_the_per_unit_mask_on_the_diagonal_and_nothing_across_units():
 
 def test_packing_leaves_less_padding_than_buckets_on_varied_lengths():
   rng = np.random.default_rng(0)
-  pairs = [dict(prompt_ids=[1] * int(rng.integers(4, 60)), chosen_ids=[3] * int(rng.integers(1, 60)),
-                rejected_ids=[4] * int(rng.integers(1, 60))) for _ in range(64)]
+  size = lambda low: int(rng.integers(low, 60))
+  pairs = [dict(prompt_ids=[1] * size(4), chosen_ids=[3] * size(1), rejected_ids=[4] * size(1))
+           for _ in range(64)]
   real = sum(len(p['prompt_ids']) * 2 + len(p['chosen_ids']) + len(p['rejected_ids'])
              for p in pairs)
   bucket = collate.bucket_for(max(map(collate.pair_length, pairs)), (64, 128))

@@ -1,7 +1,7 @@
 """The lab's results for the notebooks: WORKDIR/results.json, running the lab first when absent.
 
-  lab_dir, results = results.find_or_run(lab_dir, smoke=FAST, explicit='ISDAA_LAB_DIR' in os.environ,
-                                         cwd=ROOT)
+  lab_dir, results = results.find_or_run(lab_dir, smoke=FAST,
+                                         explicit='ISDAA_LAB_DIR' in os.environ, cwd=ROOT)
 """
 
 import json
