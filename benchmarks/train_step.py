@@ -167,14 +167,37 @@ def matmul_params(cfg: LlamaConfig) -> int:
 def measure_peak_flops(dtype, n: int, reps: int = 5) -> float:
   """Best FLOP/s of an n x n x n matmul in `dtype` on the default device."""
   x = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
+  return 2 * n**3 / _best_seconds(lambda a: a @ a, x, reps=reps)
+
+
+def gemm_ceiling_flops(cfg: LlamaConfig, rows: int, reference_in_step: bool, dtype) -> float:
+  """FLOP/s of the step's own weight matmuls, each timed alone at its shape: the rate the step
+  would run at if nothing but its GEMMs took time (on a CPU, small-K and wide-N shapes run well
+  below the square-matmul peak). `rows` = tokens per forward, padding included."""
+  d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  layer = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+  total_flops, total_s = 0.0, 0.0
+  for (k, n), count in [((k, n), cfg.num_layers) for k, n in layer] + [((d, v), 1)]:
+    x, w, y = (jnp.ones(shape, dtype) for shape in ((rows, k), (k, n), (rows, n)))
+    timings = [_best_seconds(lambda a, b: a @ b, x, w),       # forward
+               _best_seconds(lambda a, b: a @ b.T, y, w),     # gradient of the input
+               _best_seconds(lambda a, b: a.T @ b, x, y)]     # gradient of the weight
+    passes = timings + ([timings[0]] if reference_in_step else [])
+    total_s += count * sum(passes)
+    total_flops += count * len(passes) * 2 * rows * k * n
+  return total_flops / total_s
+
+
+def _best_seconds(fn, *args, reps: int = 5) -> float:
+  f = jax.jit(fn)
+  f(*args).block_until_ready()
   best = float('inf')
   for _ in range(reps):
     start = time.perf_counter()
-    f(x).block_until_ready()
+    f(*args).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
+  return best
 
 
 def device_peak_bytes():
@@ -191,7 +214,8 @@ def batch_layout(config, batch_pairs, seq_len: int, row_multiple: int) -> dict:
   shared_len = max(map(prefix.shared_length, pairs)) + extra
   layout = dict(seq_len=seq_len, shared_len=shared_len, packed_rows=0)
   if config.data.packing:
-    layout['pack_length'] = shared_len if config.data.prefix_sharing else seq_len
+    layout['pack_length'] = config.data.pack_length or (
+        shared_len if config.data.prefix_sharing else seq_len)
     n = config.optimizer.grad_accum_steps
     layout['packed_rows'] = max(
         packing.rows_needed(chunk[i::n], layout['pack_length'], config.data.prefix_sharing)
@@ -291,6 +315,12 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
     times.append(time.perf_counter() - start)
     tokens.append((sum(pair_tokens(p) for p in chunk), processed_tokens(batch)))
   peak_after = measure_peak_flops(compute_dtype, peak_n)
+  first_ids = first[next(k for k in first if k.endswith('input_ids'))]
+  rows_per_forward = first_ids.size * (1 if config.data.prefix_sharing or config.data.packing
+                                       else 2)
+  ceiling = gemm_ceiling_flops(
+      model_cfg, rows_per_forward // (config.optimizer.grad_accum_steps * jax.device_count()),
+      config.train.reference == 'model', compute_dtype)
   timed = np.asarray(times[warmup:])
   total_s = float(timed.sum())
   trl_tokens, run_tokens = np.asarray(tokens[warmup:]).sum(axis=0)
@@ -323,6 +353,8 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
       peak_flops_per_s=peak,
       peak_flops_before_after=[peak_before, peak_after],
       mfu=model_flops_s / peak,
+      gemm_ceiling_flops_per_s=ceiling,
+      mfu_vs_gemm_ceiling=model_flops_s / (ceiling * jax.device_count()),
       host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
       step_temp_bytes=memory.temp_size_in_bytes if memory else None,
       step_argument_bytes=memory.argument_size_in_bytes if memory else None,
@@ -387,6 +419,7 @@ def main(argv=None):
   summary = {r['variant']: dict(pairs_per_s=round(r['pairs_per_s'], 3),
                                 tokens_per_s=round(r['tokens_per_s'], 1),
                                 mfu=round(r['mfu'], 4),
+                                mfu_vs_gemm_ceiling=round(r['mfu_vs_gemm_ceiling'], 4),
                                 step_temp_bytes=r['step_temp_bytes'],
                                 vs_baseline=round(r['pairs_per_s'] / base_pairs, 3)
                                 if base_pairs else None)
