@@ -193,11 +193,18 @@ def train_config() -> ml_collections.ConfigDict:
   # Peak FLOP/s of one device for MFU; 0 measures a large matmul at start-up.
   t.peak_flops_per_device = 0.0
   # Where reference log-probs come from: 'model' (a frozen reference model runs in the step),
-  # 'precomputed' (columns of the data, written by `isdaa_jax.score`; no reference model is held)
+  # 'precomputed' (columns of the data, written by `isdaa_jax.score`; no reference model is held),
+  # 'cached' (like 'precomputed', read from `reference_cache`; a missing cache is computed once
+  # by a pre-pass with the reference model, which is then dropped; isdaa_jax/reference_cache.py)
   # or 'none' (reference-free losses simpo/alphapo without importance weighting).
   t.reference = 'model'
   # Reference checkpoint; '' uses the policy's starting weights.
   t.reference_path = ''
+  # reference='cached': the train split's cache file (an eval split's is FILE-eval.npz beside
+  # it), e.g. from `isdaa_jax.score --as_reference --cache_out`; '' keys it automatically as
+  # WORKDIR/reference_logps/KEY-{train,eval}.npz. A file made for other pairs, tokenizer,
+  # truncation, reference weights or dtypes is refused, never overwritten.
+  t.reference_cache = ''
   t.tensorboard = True
   t.progress_bar = True
   return t

@@ -127,16 +127,19 @@ def validate_mesh(mesh: ml_collections.ConfigDict):
 
 
 def validate_reference(train: ml_collections.ConfigDict, loss: ml_collections.ConfigDict):
-  _choice(train.reference, ('model', 'precomputed', 'none'), 'config.train.reference')
+  _choice(train.reference, ('model', 'precomputed', 'cached', 'none'), 'config.train.reference')
+  _require(not train.reference_cache or train.reference == 'cached',
+           f"config.train.reference_cache applies to config.train.reference='cached' only; set "
+           f"it or clear reference_cache (reference={train.reference!r})")
   if train.reference == 'none':
     _require(not loss.importance.enabled,
              'importance weighting needs reference (or behavior) log-probs: set '
-             "config.train.reference='model' or 'precomputed', or "
+             "config.train.reference='model', 'precomputed' or 'cached', or "
              'config.loss.importance.enabled=False')
     _require(loss.name in REFERENCE_FREE,
              f"config.loss.name={loss.name!r} needs reference log-probs: set "
-             "config.train.reference='model' or 'precomputed' (only simpo and alphapo are "
-             'reference-free)')
+             "config.train.reference='model', 'precomputed' or 'cached' (only simpo and "
+             'alphapo are reference-free)')
 
 
 def validate_sample_eval(s: ml_collections.ConfigDict):

@@ -1,8 +1,8 @@
 """Scores preference pairs under a policy and optionally a reference model.
 
   python -m isdaa_jax.score --model DIR_OR_HUB_ID [--reference DIR_OR_HUB_ID] --pairs FILE.jsonl \
-      --out OUT.jsonl [--tokenizer DIR] [--batch_size N] [--source pairs] [--as_reference] \
-      [--config=configs/hh.py] [--config.mesh.tensor=2 ...]
+      [--out OUT.jsonl] [--cache_out CACHE.npz] [--tokenizer DIR] [--batch_size N] \
+      [--source pairs] [--as_reference] [--config=configs/hh.py] [--config.mesh.tensor=2 ...]
 
 Input rows are token ids (`prompt_ids`, `chosen_ids`, `rejected_ids`; each side's sequence is
 exactly prompt + response) or text rows in a `--source` format, formatted and tokenized by
@@ -13,6 +13,12 @@ Each kept row gives one output row with its input `index`, the token ids it was 
 implicit reward margin: (lp_w - rp_w) - (lp_l - rp_l) with a reference, lp_w - lp_l without.
 `--as_reference` writes the model's log-probs as `reference_*_logps` instead: a file training
 reads with `config.train.reference='precomputed'`.
+`--cache_out` writes the reference log-probs (of `--model` with `--as_reference`, else of
+`--reference`) as an `isdaa_jax.reference_cache` file instead of, or besides, `--out`: training
+with `config.train.reference='cached'`, `config.train.reference_cache=CACHE.npz` and the same
+data reads it when its key matches (same pairs after tokenization, tokenizer, `config.data`
+truncation settings, reference weights and `config.model` dtypes), so pass the training
+`--config` here; a mismatch is refused there, naming what differs.
 
 `score_pairs` is the reusable core: tokenized pairs are grouped by `config.data.length_buckets`,
 collated with `isdaa_jax.data.collate`, and each fixed-shape batch runs one jitted, sharded
@@ -35,7 +41,7 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from isdaa_jax import config as config_lib
-from isdaa_jax import sharding
+from isdaa_jax import reference_cache, sharding
 from isdaa_jax.data import collate, pipeline, sources
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.model import hf, logprobs
@@ -156,13 +162,15 @@ def _define_flags():
   flags.DEFINE_string('reference', None, 'Reference: Hugging Face folder or hub id.')
   flags.DEFINE_string('pairs', None, 'Pairs to score (.jsonl, .jsonl.gz, .json, .parquet).')
   flags.DEFINE_string('out', None, 'Output .jsonl file.')
+  flags.DEFINE_string('cache_out', None, 'Reference log-prob cache (.npz) for training with '
+                      "config.train.reference='cached'.")
   flags.DEFINE_string('tokenizer', None,
                       'Tokenizer for text rows (default: config.data.tokenizer, else --model).')
   flags.DEFINE_integer('batch_size', None, 'Pairs per batch (default: config.data.batch_size).')
   flags.DEFINE_enum('source', 'pairs', list(sources.PARSERS), 'Row format of --pairs.')
   flags.DEFINE_bool('as_reference', False, 'Write the --model log-probs as reference_*_logps '
                     '(precomputed reference log-probs for training).')
-  flags.mark_flags_as_required(['model', 'pairs', 'out'])
+  flags.mark_flags_as_required(['model', 'pairs'])
 
 
 def tokenized_examples(rows: Sequence[Mapping], source: str, data_config, tokenizer: str,
@@ -174,19 +182,25 @@ def tokenized_examples(rows: Sequence[Mapping], source: str, data_config, tokeni
   return kept, stats
 
 
-def run(config, *, model: str, reference: Optional[str], pairs_path: str, out_path: str,
-        tokenizer: Optional[str], batch_size: Optional[int], source: str,
-        as_reference: bool) -> dict:
+def run(config, *, model: str, reference: Optional[str], pairs_path: str,
+        out_path: Optional[str], tokenizer: Optional[str], batch_size: Optional[int], source: str,
+        as_reference: bool, cache_path: Optional[str] = None) -> dict:
   """The command: reads, scores and writes; returns the drop/truncation summary."""
   if as_reference and reference:
     raise ValueError('--as_reference writes the --model log-probs as the reference; do not also '
                      'give --reference')
+  if not (out_path or cache_path):
+    raise ValueError('give --out (scores as .jsonl) or --cache_out (a reference cache), or both')
+  if cache_path and not (as_reference or reference):
+    raise ValueError('--cache_out stores reference log-probs: add --as_reference (the --model is '
+                     'the reference) or --reference')
   path = pathlib.Path(pairs_path).expanduser()
   if not path.is_file():
     raise FileNotFoundError(f'--pairs {pairs_path} does not exist; give a .jsonl/.json/.parquet '
                             'file of pairs')
-  examples, stats = tokenized_examples(sources.read_file(path), source, config.data,
-                                       tokenizer or config.data.tokenizer or model, str(path))
+  tokenizer = tokenizer or config.data.tokenizer or model
+  examples, stats = tokenized_examples(sources.read_file(path), source, config.data, tokenizer,
+                                       str(path))
   if not examples:
     raise ValueError(f'no pair of {path} could be scored (dropped: {dict(stats.dropped)}); check '
                      '--source and the rows')
@@ -204,7 +218,14 @@ def run(config, *, model: str, reference: Optional[str], pairs_path: str, out_pa
   if reference:
     ref = score_pairs(hf.load_model(reference, config.model, mesh), pairs, mesh,
                       desc='reference', **kwargs)
-  if jax.process_index() == 0:
+  if cache_path and jax.process_index() == 0:
+    reference_model = model if as_reference else reference
+    key = reference_cache.fingerprint(pairs, tokenizer=tokenizer, data_config=config.data,
+                                      reference=reference_model, model_config=config.model,
+                                      seed=config.seed)
+    reference_cache.save(pathlib.Path(cache_path).expanduser(), key,
+                         dataclasses.asdict(policy if as_reference else ref))
+  if out_path and jax.process_index() == 0:
     out = pathlib.Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, 'w') as f:
@@ -220,12 +241,13 @@ def main(argv):
   try:
     summary = run(f.config, model=f.model, reference=f.reference, pairs_path=f.pairs,
                   out_path=f.out, tokenizer=f.tokenizer, batch_size=f.batch_size,
-                  source=f.source, as_reference=f.as_reference)
+                  source=f.source, as_reference=f.as_reference, cache_path=f.cache_out)
   except config_lib.USER_ERRORS as e:
     logging.error('%s: %s', type(e).__name__, e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(f'scored {summary["kept"]} of {summary["rows"]} pairs -> {f.out}; dropped: '
+  written = ' and '.join(p for p in (f.out, f.cache_out) if p)
+  print(f'scored {summary["kept"]} of {summary["rows"]} pairs -> {written}; dropped: '
         f'{summary["dropped"]}, truncated: {summary["truncated"]}')
 
 

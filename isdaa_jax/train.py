@@ -278,18 +278,54 @@ def build_policy(model_config, mesh, seed: int):
   return cfg, nnx.graphdef(abstract), shardings, params
 
 
+def _reference_path_params(config, mesh):
+  """Params of config.train.reference_path (None when the reference is the starting policy)."""
+  if not config.train.reference_path:
+    return None
+  ref_model_config = copy.deepcopy(config.model)
+  ref_model_config.path = config.train.reference_path
+  return build_policy(ref_model_config, mesh, config.seed)[3]
+
+
 def build_reference(config, mesh, policy_params, params_sharding):
   """Frozen reference params ({} when no reference model is held)."""
   if config.train.reference != 'model':
     return {}
-  if config.train.reference_path:
-    ref_model_config = copy.deepcopy(config.model)
-    ref_model_config.path = config.train.reference_path
-    _, _, _, params = build_policy(ref_model_config, mesh, config.seed)
+  params = _reference_path_params(config, mesh)
+  if params is not None:
     return params
   # A separate copy: the policy's buffers are donated to the step.
   return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sharding)(
       policy_params)
+
+
+def attach_cached_reference(config, workdir, mesh, splits: dict, graphdef, policy_params):
+  """config.train.reference='cached': each split's (name -> PairStore) reference log-probs from
+  its cache file (`isdaa_jax.reference_cache`) as `reference_*_logps` columns. A missing cache is
+  computed with the reference model, which is loaded for that alone and dropped afterwards."""
+  from isdaa_jax import reference_cache, score  # pylint: disable=g-import-not-at-top
+  held = {}  # the reference model while a missing cache is computed
+
+  def compute(pairs, split):
+    if not held:
+      params = _reference_path_params(config, mesh)
+      held['model'] = nnx.merge(graphdef, policy_params if params is None else params)
+    scores = score.score_pairs(
+        held['model'], pairs, mesh, batch_size=config.data.batch_size,
+        length_buckets=config.data.length_buckets, chunk_size=config.model.logprob_chunk_size,
+        progress=config.train.progress_bar, desc=f'reference log-probs ({split})')
+    return dataclasses.asdict(scores)
+
+  for split, pairs in splits.items():
+    key = reference_cache.fingerprint(
+        pairs, tokenizer=config.data.tokenizer or config.model.path, data_config=config.data,
+        reference=config.train.reference_path or config.model.path, model_config=config.model,
+        seed=config.seed)
+    path = reference_cache.cache_path(config.train.reference_cache, workdir, key, split)
+    arrays, _ = reference_cache.load_or_compute(path, key, lambda p=pairs, s=split: compute(p, s))
+    pairs.columns['reference_chosen_logps'] = arrays['chosen_logps']
+    pairs.columns['reference_rejected_logps'] = arrays['rejected_logps']
+  held.clear()  # no reference parameters stay on device
 
 
 class _Preemption:
@@ -381,6 +417,9 @@ def run(config, workdir, step_hooks=()) -> TrainState:
                      f'data-parallel mesh size data*fsdp={data_parallel}')
   data = pipeline.load(config.data, model_path=config.model.path,
                        vocab_size=model_cfg.vocab_size)
+  if config.train.reference == 'cached':
+    splits = {'train': data.train, **({} if data.eval is None else {'eval': data.eval})}
+    attach_cached_reference(config, workdir, mesh, splits, graphdef, params)
   train_iterator = pipeline.train_iterator(data.train, config.data,
                                            micro_batches=config.optimizer.grad_accum_steps,
                                            row_multiple=data_parallel)
@@ -400,7 +439,9 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     logging.info('resumed from step %d', int(state.step))
   del params
 
-  cfg = StepConfig(loss=config.loss, reference=config.train.reference,
+  # A cached reference is a precomputed one by the time the step runs.
+  step_reference = 'precomputed' if config.train.reference == 'cached' else config.train.reference
+  cfg = StepConfig(loss=config.loss, reference=step_reference,
                    logprob_chunk_size=config.model.logprob_chunk_size,
                    grad_accum_steps=config.optimizer.grad_accum_steps)
   compiled = None  # compiled at the first batch, whose keys fix the batch shardings

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from isdaa_jax import score, sharding
+from isdaa_jax import reference_cache, score, sharding
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.data import sources
 from isdaa_jax.model import hf
@@ -179,7 +179,8 @@ def test_command_line(tmp_path):
   out = tmp_path / 'scores.jsonl'
   cmd = [sys.executable, '-m', 'isdaa_jax.score', f'--model={POLICY}', f'--reference={POLICY}',
          f'--pairs={pairs}', f'--out={out}', '--batch_size=2', '--config.mesh.tensor=2',
-         '--config.data.length_buckets=(16,32)', '--config.data.max_length=32']
+         '--config.data.length_buckets=(16,32)', '--config.data.max_length=32',
+         f'--cache_out={tmp_path / "ref.npz"}']
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -189,3 +190,12 @@ def test_command_line(tmp_path):
   for a, b in zip(got, direct):
     assert a['margin'] == 0.0
     assert a['policy_chosen_logps'] == pytest.approx(b['policy_chosen_logps'], abs=1e-4)
+  # --cache_out: the --reference log-probs under the key training computes for these pairs.
+  config = base.get_config()
+  config.data.max_length = 32
+  key = reference_cache.fingerprint(
+      [{k: r[k] for k in sources.ID_COLUMNS} for r in got], tokenizer=POLICY,
+      data_config=config.data, reference=POLICY, model_config=config.model, seed=0)
+  cached = reference_cache.load(tmp_path / 'ref.npz', key)
+  np.testing.assert_allclose(cached['rejected_logps'], [r['reference_rejected_logps'] for r in got],
+                             atol=1e-5)

@@ -139,11 +139,12 @@ class CheckpointNotFoundError(FileNotFoundError):
   """A local folder or hub id that does not lead to a usable checkpoint."""
 
 
-_HUB_PATTERNS = ['*.json', '*.safetensors', 'tokenizer.model', '*.tiktoken', '*.txt']
+_HUB_PATTERNS = ('*.json', '*.safetensors', 'tokenizer.model', '*.tiktoken', '*.txt')
 
 
-def resolve(path_or_hub_id: str) -> pathlib.Path:
-  """A local folder as is; a hub id downloaded (or taken from the cache) with huggingface_hub."""
+def resolve(path_or_hub_id: str, patterns: tuple[str, ...] = _HUB_PATTERNS) -> pathlib.Path:
+  """A local folder as is; a hub id downloaded (or taken from the cache) with huggingface_hub,
+  only its files matching `patterns`."""
   path = pathlib.Path(path_or_hub_id).expanduser()
   if path.is_dir():
     return path
@@ -155,7 +156,7 @@ def resolve(path_or_hub_id: str) -> pathlib.Path:
         'folder with config.json and *.safetensors, or a hub id such as meta-llama/Llama-3.2-1B')
   try:
     return pathlib.Path(huggingface_hub.snapshot_download(path_or_hub_id,
-                                                          allow_patterns=_HUB_PATTERNS))
+                                                          allow_patterns=list(patterns)))
   except (OSError, hub_errors.HfHubHTTPError, hub_errors.HFValidationError) as e:
     raise CheckpointNotFoundError(
         f'could not get {path_or_hub_id!r} from the Hugging Face hub ({type(e).__name__}); '
