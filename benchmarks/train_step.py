@@ -36,7 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
-from isdaa_jax import sharding, train  # noqa: E402
+from isdaa_jax import policy, sharding, train  # noqa: E402
 from isdaa_jax.data import collate, packing, prefix  # noqa: E402
 from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -268,7 +268,7 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   b = config.data.batch_size
   if len(pairs) % b:
     raise ValueError(f'{len(pairs)} pairs do not split into batches of {b}')
-  model_cfg, graphdef, params_sharding, params = train.build_policy(config.model, mesh,
+  model_cfg, graphdef, params_sharding, params = policy.build_policy(config.model, mesh,
                                                                     config.seed)
   reference_seconds = None
   if config.train.reference == 'precomputed':
@@ -277,7 +277,7 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
     pairs = _with_reference_logps(config, graphdef, params, pairs, seq_len, mesh)
     reference_seconds = time.perf_counter() - start
   batch_pairs = [pairs[i:i + b] for i in range(0, len(pairs), b)]
-  reference = train.build_reference(config, mesh, params, params_sharding)
+  reference = policy.build_reference(config, mesh, params, params_sharding)
   tx = make_optimizer(config.optimizer, config.train.num_steps)
   schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
   abstract = jax.eval_shape(

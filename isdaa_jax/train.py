@@ -7,14 +7,11 @@ step without gradients. Gradient accumulation scans over equal micro-batches and
 gradient of the full batch; metrics are computed on the full batch.
 """
 
-import copy
 import dataclasses
 import functools
 import itertools
 import json
 import pathlib
-import signal
-import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -26,14 +23,15 @@ import optax
 import tqdm
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from isdaa_jax import losses, sharding
+from isdaa_jax import policy as policy_lib
+from isdaa_jax import throughput as throughput_lib
 from isdaa_jax.data import packing, prefix
 from isdaa_jax.metrics_writer import MetricsWriter
 from isdaa_jax.model import logprobs
-from isdaa_jax.model.llama import Llama, LlamaConfig
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
+from isdaa_jax.preemption import Preemption
 
 
 
@@ -158,11 +156,6 @@ class Compiled:
   batch_sharding: Any
 
 
-def param_shardings(abstract_model: nnx.Module, mesh) -> dict:
-  """Pure-dict NamedShardings of a model's parameters, from their logical axes."""
-  return nnx.to_pure_dict(sharding.state_shardings(nnx.state(abstract_model), mesh))
-
-
 def state_shardings(tx, abstract_state: TrainState, params_sharding, mesh) -> TrainState:
   """Optimizer moments follow their parameters' shardings; scalars are replicated."""
   rep = sharding.replicated(mesh)
@@ -187,11 +180,6 @@ def compile_steps(graphdef, tx, schedule, cfg: StepConfig, state_sharding, refer
   return Compiled(step, evaluate, state_sharding, reference_sharding, batch_sharding)
 
 
-def flops_per_token(num_params: int, reference: str) -> float:
-  """Model FLOPs per real token: 6N for the policy's forward+backward, 2N more for a reference."""
-  return (8.0 if reference == 'model' else 6.0) * num_params
-
-
 def init_state(params, tx, state_sharding: TrainState) -> TrainState:
   """A fresh state around already-placed params; the optimizer state is created sharded."""
   @functools.partial(jax.jit, out_shardings=state_sharding)
@@ -205,164 +193,12 @@ def describe_nonfinite(metrics: dict) -> Optional[str]:
   return ', '.join(bad) if bad else None
 
 
-class Throughput:
-  """Tokens/s, model FLOP/s and MFU averaged over the steps since the last report.
-
-  One step's time seen from the host jitters (metrics arrive a step late, and a host-bound loop
-  sees several steps finish at once); a window's total does not. The caller leaves out time spent
-  on evaluation, hooks and checkpoints, and the first step of a run (compilation).
-  """
-
-  def __init__(self, flops_per_token: float, peak_flops: float):
-    self._flops_per_token = flops_per_token
-    self._peak_flops = peak_flops  # of all devices together
-    self._tokens, self._seconds, self._steps = 0.0, 0.0, 0
-
-  def add(self, tokens: float, seconds: float):
-    self._tokens += tokens
-    self._seconds += seconds
-    self._steps += 1
-
-  def report(self) -> dict:
-    """The window's averages ({} when it holds no timed step); starts a new window."""
-    if not self._steps or self._seconds <= 0:
-      return {}
-    tokens_s = self._tokens / self._seconds
-    flops_s = self._flops_per_token * tokens_s
-    out = {'perf/tokens_per_s': tokens_s, 'perf/model_flops_per_s': flops_s,
-           'perf/mfu': flops_s / self._peak_flops, 'perf/step_seconds': self._seconds / self._steps}
-    self._tokens, self._seconds, self._steps = 0.0, 0.0, 0
-    return out
-
-
 # ------------------------------------------------------------------------------------------------
 # The loop.
 
 
 class TrainingDiverged(RuntimeError):
   """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
-
-
-_PEAK_CACHE = {}
-
-
-def measure_peak_flops(n: int = 2048) -> float:
-  """FLOP/s of one device on a large matmul in the platform's training dtype (cached)."""
-  if 'peak' not in _PEAK_CACHE:
-    dtype = jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
-    x = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    reps = 3
-    start = time.perf_counter()
-    for _ in range(reps):
-      f(x).block_until_ready()
-    _PEAK_CACHE['peak'] = 2 * n**3 * reps / (time.perf_counter() - start)
-  return _PEAK_CACHE['peak']
-
-
-def build_policy(model_config, mesh, seed: int):
-  """(LlamaConfig, graphdef, params sharding, params) of the starting policy, placed sharded."""
-  if model_config.path:
-    from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
-    model = hf.load_model(model_config.path, model_config, mesh)
-    cfg = model.cfg
-    graphdef = nnx.graphdef(model)
-    shardings = param_shardings(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))), mesh)
-    return cfg, graphdef, shardings, nnx.to_pure_dict(nnx.state(model))
-  cfg = LlamaConfig.from_model_config(model_config)
-  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))
-  shardings = param_shardings(abstract, mesh)
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)))),
-                   out_shardings=shardings)()
-  return cfg, nnx.graphdef(abstract), shardings, params
-
-
-def _reference_path_params(config, mesh):
-  """Params of config.train.reference_path (None when the reference is the starting policy)."""
-  if not config.train.reference_path:
-    return None
-  ref_model_config = copy.deepcopy(config.model)
-  ref_model_config.path = config.train.reference_path
-  return build_policy(ref_model_config, mesh, config.seed)[3]
-
-
-def build_reference(config, mesh, policy_params, params_sharding):
-  """Frozen reference params ({} when no reference model is held)."""
-  if config.train.reference != 'model':
-    return {}
-  params = _reference_path_params(config, mesh)
-  if params is not None:
-    return params
-  # A separate copy: the policy's buffers are donated to the step.
-  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sharding)(
-      policy_params)
-
-
-def attach_cached_reference(config, workdir, mesh, splits: dict, graphdef, policy_params):
-  """config.train.reference='cached': each split's (name -> PairStore) reference log-probs from
-  its cache file (`isdaa_jax.reference_cache`) as `reference_*_logps` columns. A missing cache is
-  computed with the reference model, which is loaded for that alone and dropped afterwards."""
-  from isdaa_jax import reference_cache, score  # pylint: disable=g-import-not-at-top
-  held = {}  # the reference model while a missing cache is computed
-
-  def compute(pairs, split):
-    if not held:
-      params = _reference_path_params(config, mesh)
-      held['model'] = nnx.merge(graphdef, policy_params if params is None else params)
-    scores = score.score_pairs(
-        held['model'], pairs, mesh, batch_size=config.data.batch_size,
-        length_buckets=config.data.length_buckets, chunk_size=config.model.logprob_chunk_size,
-        progress=config.train.progress_bar, desc=f'reference log-probs ({split})')
-    return dataclasses.asdict(scores)
-
-  for split, pairs in splits.items():
-    key = reference_cache.fingerprint(
-        pairs, tokenizer=config.data.tokenizer or config.model.path, data_config=config.data,
-        reference=config.train.reference_path or config.model.path, model_config=config.model,
-        seed=config.seed)
-    path = reference_cache.cache_path(config.train.reference_cache, workdir, key, split)
-    arrays, _ = reference_cache.load_or_compute(path, key, lambda p=pairs, s=split: compute(p, s))
-    pairs.columns['reference_chosen_logps'] = arrays['chosen_logps']
-    pairs.columns['reference_rejected_logps'] = arrays['rejected_logps']
-  held.clear()  # no reference parameters stay on device
-
-
-class _Preemption:
-  """Says when to checkpoint and exit after a preemption notice (SIGTERM), on every process alike.
-
-  One process: a Python SIGTERM handler sets a flag. Several: JAX's preemption service (started by
-  `jax.distributed.initialize`, it catches SIGTERM on whichever hosts get it) agrees on one step
-  at which `reached(step)` turns true everywhere, so all processes save together rather than some
-  entering a collective save that the others never join.
-  """
-
-  def __init__(self):
-    self._raised = False
-    self._previous = None
-    self._multihost = jax.process_count() > 1
-    if not self._multihost and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('SIGTERM received: checkpointing and exiting')
-    self._raised = True
-
-  def reached(self, step: int) -> bool:
-    """Called once per step, at the same steps on every process."""
-    if self._multihost and not self._raised:
-      self._raised = multihost_utils.reached_preemption_sync_point(step)
-      if self._raised:
-        logging.warning('preemption: all processes checkpoint at step %d and exit', step)
-    return self._raised
-
-  @property
-  def raised(self) -> bool:
-    return self._raised
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _to_host(metrics) -> dict:
@@ -395,8 +231,9 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   mesh = sharding.make_mesh(config.mesh)
   num_steps = config.train.num_steps
 
-  model_cfg, graphdef, params_sharding, params = build_policy(config.model, mesh, config.seed)
-  reference = build_reference(config, mesh, params, params_sharding)
+  model_cfg, graphdef, params_sharding, params = policy_lib.build_policy(config.model, mesh,
+                                                                        config.seed)
+  reference = policy_lib.build_reference(config, mesh, params, params_sharding)
   reference_sharding = params_sharding if reference else {}
   # Generation-based eval measures KL to the reference model, or to the starting policy when no
   # reference model is held.
@@ -419,7 +256,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
                        vocab_size=model_cfg.vocab_size)
   if config.train.reference == 'cached':
     splits = {'train': data.train, **({} if data.eval is None else {'eval': data.eval})}
-    attach_cached_reference(config, workdir, mesh, splits, graphdef, params)
+    policy_lib.attach_cached_reference(config, workdir, mesh, splits, graphdef, params)
   train_iterator = pipeline.train_iterator(data.train, config.data,
                                            micro_batches=config.optimizer.grad_accum_steps,
                                            row_multiple=data_parallel)
@@ -450,11 +287,12 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     step_hooks = tuple(step_hooks) + (evaluate.training_hook(
         config.sample_eval, config.model, graphdef, kl_reference, mesh),)
   writer = MetricsWriter(workdir, config.train.tensorboard)
-  peak = config.train.peak_flops_per_device or measure_peak_flops()
-  throughput = Throughput(flops_per_token(model_cfg.num_params(), config.train.reference),
+  peak = config.train.peak_flops_per_device or throughput_lib.measure_peak_flops()
+  throughput = throughput_lib.Throughput(
+      throughput_lib.flops_per_token(model_cfg.num_params(), config.train.reference),
                           peak * jax.device_count())
   config_json = json.loads(config.to_json())
-  preemption = _Preemption()
+  preemption = Preemption()
   start = int(state.step)
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not config.train.progress_bar
                   or jax.process_index() != 0, desc='train')

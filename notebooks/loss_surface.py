@@ -40,7 +40,7 @@ ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
             if (p / 'configs' / 'base.py').is_file())
 sys.path.insert(0, str(ROOT))
 from configs import lab as lab_config  # noqa: E402
-from isdaa_jax import checkpoint, losses, sharding, train  # noqa: E402
+from isdaa_jax import checkpoint, losses, policy, sharding, train  # noqa: E402
 from isdaa_jax.data import collate  # noqa: E402
 from isdaa_jax.lab import results as lab_results  # noqa: E402
 from isdaa_jax.lab import study  # noqa: E402
@@ -95,7 +95,7 @@ def run_dir(importance):
 
 cfg = run_config(False)
 mesh = sharding.make_mesh(cfg.mesh)
-_, graphdef, params_sharding, reference_params = train.build_policy(cfg.model, mesh, cfg.seed)
+_, graphdef, params_sharding, reference_params = policy.build_policy(cfg.model, mesh, cfg.seed)
 
 
 def restore_params(importance):

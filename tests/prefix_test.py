@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from isdaa_jax import sharding, train
+from isdaa_jax import policy, sharding, train
 from isdaa_jax.data import collate, pipeline, prefix
 from isdaa_jax.model.llama import Llama, LlamaConfig
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
@@ -111,8 +111,8 @@ def _config(**kw):
 
 def _train(cfg, batch, steps=2):
   mesh = sharding.make_mesh(base.mesh_config(), devices=jax.devices()[:1])
-  _, graphdef, ps, params = train.build_policy(cfg.model, mesh, cfg.seed)
-  reference = train.build_reference(cfg, mesh, params, ps)
+  _, graphdef, ps, params = policy.build_policy(cfg.model, mesh, cfg.seed)
+  reference = policy.build_reference(cfg, mesh, params, ps)
   tx = make_optimizer(cfg.optimizer, cfg.train.num_steps)
   abstract = jax.eval_shape(
       lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from isdaa_jax import losses, sharding, train
+from isdaa_jax import losses, policy, sharding, throughput, train
 from isdaa_jax.data import collate
 from isdaa_jax.model.llama import Llama, LlamaConfig
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
@@ -51,8 +51,8 @@ class Harness:
 
   def __init__(self, cfg, mesh):
     self.mesh = mesh
-    self.model_cfg, graphdef, ps, params = train.build_policy(cfg.model, mesh, cfg.seed)
-    self.reference = train.build_reference(cfg, mesh, params, ps)
+    self.model_cfg, graphdef, ps, params = policy.build_policy(cfg.model, mesh, cfg.seed)
+    self.reference = policy.build_reference(cfg, mesh, params, ps)
     tx = make_optimizer(cfg.optimizer, cfg.train.num_steps)
     abstract = jax.eval_shape(
         lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
@@ -154,7 +154,7 @@ def test_precomputed_reference_matches_in_step_reference():
 
 
 def test_throughput_averages_over_the_window_and_restarts():
-  t = train.Throughput(flops_per_token=1e6, peak_flops=1e9)
+  t = throughput.Throughput(flops_per_token=1e6, peak_flops=1e9)
   assert t.report() == {}
   t.add(100, 0.5)
   t.add(300, 0.0)  # host-bound: a step seen finished right after the one before
