@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from isdaa_jax import policy, sharding, train  # noqa: E402
-from isdaa_jax.data import collate, packing, prefix  # noqa: E402
+from isdaa_jax.data import collate, packing, pipeline, prefix  # noqa: E402
 from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 
@@ -205,13 +205,18 @@ def device_peak_bytes():
   return None if not stats else stats.get('peak_bytes_in_use')
 
 
-def batch_layout(config, batch_pairs, seq_len: int, row_multiple: int) -> dict:
+def batch_layout(config, batch_pairs, seq_len: int, row_multiple: int,
+                 buckets: tuple[int, ...] = ()) -> dict:
   """One shape for every batch of the run (one compiled step): the padded length of unshared
-  rows, of shared rows, or the packed row length and rows per micro-batch."""
+  rows, of shared rows, or the packed row length and rows per micro-batch. With `buckets` (real
+  data), shared rows take the shared bucket of the longest pair, as the pipeline pads them."""
   pairs = [p for chunk in batch_pairs for p in chunk]
-  # Shared rows are padded as much as the unshared ones are (none at the default --seq_len).
-  extra = seq_len - max(collate.pair_length(p) for p in pairs)
-  shared_len = max(map(prefix.shared_length, pairs)) + extra
+  longest_shared = max(map(prefix.shared_length, pairs))
+  if buckets:
+    shared_len = collate.bucket_for(longest_shared, prefix.shared_buckets(buckets))
+  else:
+    # Shared rows are padded as much as the unshared ones are (none at the default --seq_len).
+    shared_len = longest_shared + seq_len - max(collate.pair_length(p) for p in pairs)
   layout = dict(seq_len=seq_len, shared_len=shared_len, packed_rows=0)
   if config.data.packing:
     layout['pack_length'] = config.data.pack_length or (
@@ -261,7 +266,7 @@ def _with_reference_logps(config, graphdef, params, pairs, seq_len, mesh):
 
 
 def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matmul_size: int = 0,
-              name: str = '') -> dict:
+              name: str = '', buckets: tuple[int, ...] = ()) -> dict:
   """Trains `warmup + steps` steps on `pairs` (cycled, `config.data.batch_size` a step) and
   measures the last `steps`. Each step collates its pairs on the host, as the pipeline does."""
   mesh = sharding.make_mesh(config.mesh)
@@ -290,7 +295,7 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
                               logprob_chunk_size=config.model.logprob_chunk_size,
                               grad_accum_steps=config.optimizer.grad_accum_steps)
   layout = batch_layout(config, batch_pairs, seq_len,
-                        mesh.shape['data'] * mesh.shape['fsdp'])
+                        mesh.shape['data'] * mesh.shape['fsdp'], buckets)
   first = local_batch(config, batch_pairs[0], layout)
   compiled = train.compile_steps(graphdef, tx, schedule, step_cfg, state_sharding,
                                  params_sharding if reference else {}, tuple(first), mesh)
@@ -367,11 +372,19 @@ def run_variant(args, name: str) -> dict:
   config = make_config(args, VARIANTS[name])
   vocab = (LlamaConfig.preset(args.preset).vocab_size if args.preset
            else config.model.vocab_size)
-  pairs = synthetic_pairs(4 * args.batch_size, args.prompt_length, args.response_length, vocab,
-                          args.seed, args.length_spread)
-  result = benchmark(config, pairs, seq_len=args.seq_len or args.prompt_length
-                     + args.response_length, steps=args.steps, warmup=args.warmup,
-                     peak_matmul_size=args.peak_matmul_size, name=name)
+  buckets = ()
+  if config.data.source == 'synthetic':
+    pairs = synthetic_pairs(4 * args.batch_size, args.prompt_length, args.response_length, vocab,
+                            args.seed, args.length_spread)
+    seq_len = args.seq_len or args.prompt_length + args.response_length
+  else:  # real pairs (--set=data.source=hh --set=data.path=... --set=data.tokenizer=...)
+    store = pipeline.load(config.data, model_path=config.model.path, vocab_size=vocab).train
+    order = np.random.default_rng(args.seed).permutation(len(store))
+    pairs = [store[int(i)] for i in order[:4 * args.batch_size]]
+    buckets = tuple(config.data.length_buckets)
+    seq_len = args.seq_len or collate.bucket_for(max(map(collate.pair_length, pairs)), buckets)
+  result = benchmark(config, pairs, seq_len=seq_len, steps=args.steps, warmup=args.warmup,
+                     peak_matmul_size=args.peak_matmul_size, name=name, buckets=buckets)
   result['overrides'] = VARIANTS[name]
   return result
 
