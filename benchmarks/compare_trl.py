@@ -40,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/
 
 from benchmarks import train_step  # noqa: E402
 from configs import base  # noqa: E402
+from isdaa_jax import config as config_lib  # noqa: E402
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS = 8192, 256, 688, 4, 8
 NUM_PAIRS, PROMPT, RESPONSE, BATCH, BETA = 64, 64, 32, 8, 0.1
@@ -197,13 +198,7 @@ def isdaa_config(model_dir: pathlib.Path, overrides: dict):
   o.learning_rate, o.warmup_steps, o.min_lr_ratio = LEARNING_RATE, 0, 1.0  # constant, as TRL
   o.b1, o.b2, o.weight_decay, o.grad_clip_norm = 0.9, 0.95, 0.0, 1.0
   config.train.num_steps = 1000
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split('.')
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return config_lib.apply_overrides(config, overrides)
 
 
 def main(argv=None):

@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
+from isdaa_jax import config as config_lib  # noqa: E402
 from isdaa_jax import policy, sharding, train  # noqa: E402
 from isdaa_jax.data import collate, packing, pipeline, prefix  # noqa: E402
 from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
@@ -147,13 +148,7 @@ def make_config(args, overrides: dict):
   config.optimizer.warmup_steps = 0
   config.optimizer.learning_rate = 1e-6
   config.seed = args.seed
-  for key, value in {**_parse_sets(args.set), **overrides}.items():
-    node = config
-    *path, last = key.split('.')
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return config
+  return config_lib.apply_overrides(config, {**_parse_sets(args.set), **overrides})
 
 
 def matmul_params(cfg: LlamaConfig) -> int:

@@ -23,6 +23,18 @@ class ConfigError(ValueError):
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
 
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets dotted keys in place ({'model.remat': 'dots', ...}), as `--config.model.remat=dots`
+  does on the command line; an unknown key raises from the locked ConfigDict. Returns `config`."""
+  for dotted, value in overrides.items():
+    node = config
+    *path, last = dotted.split('.')
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return config
+
+
 def _require(ok: bool, message: str):
   if not ok:
     raise ConfigError(message)

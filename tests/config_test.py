@@ -7,14 +7,7 @@ from isdaa_jax import config as config_lib
 
 
 def _cfg(**overrides):
-  cfg = base.get_config()
-  for dotted, value in overrides.items():
-    node = cfg
-    *path, last = dotted.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return cfg
+  return config_lib.apply_overrides(base.get_config(), overrides)
 
 
 def test_base_config_is_valid():
@@ -69,3 +62,11 @@ def test_unknown_key_and_wrong_type_fail_where_written():
     cfg.loss.bta = 0.2
   with pytest.raises(TypeError):
     cfg.loss.beta = 'large'
+
+
+def test_apply_overrides_sets_dotted_keys_and_rejects_unknown_ones():
+  cfg = config_lib.apply_overrides(base.get_config(), {'model.remat': 'dots',
+                                                       'loss.importance.eps': 0.5})
+  assert cfg.model.remat == 'dots' and cfg.loss.importance.eps == 0.5
+  with pytest.raises(KeyError, match='remmat'):
+    config_lib.apply_overrides(cfg, {'model.remmat': 'dots'})

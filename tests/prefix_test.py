@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import base
+from isdaa_jax import config as config_lib
 from isdaa_jax import policy, sharding, train
 from isdaa_jax.data import collate, pipeline, prefix
 from isdaa_jax.model.llama import Llama, LlamaConfig
@@ -103,10 +104,7 @@ def _config(**kw):
   m.logprob_chunk_size = 8
   cfg.optimizer.learning_rate, cfg.optimizer.warmup_steps = 1e-2, 0
   cfg.train.num_steps = 10
-  for k, v in kw.items():
-    section, key = k.split('.')
-    cfg[section][key] = v
-  return cfg
+  return config_lib.apply_overrides(cfg, kw)
 
 
 def _train(cfg, batch, steps=2):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from configs import base
+from isdaa_jax import config as config_lib
 from isdaa_jax import losses, policy, sharding, throughput, train
 from isdaa_jax.data import collate
 from isdaa_jax.model.llama import Llama, LlamaConfig
@@ -37,13 +38,7 @@ def _config(**kw):
   cfg.optimizer.learning_rate = 1e-2
   cfg.optimizer.warmup_steps = 0
   cfg.train.num_steps = 10
-  for k, v in kw.items():
-    node = cfg
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
-  return cfg
+  return config_lib.apply_overrides(cfg, kw)
 
 
 class Harness:
