@@ -76,14 +76,16 @@ def _one_process_config():
   return cfg
 
 
-@pytest.mark.slow
-def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
+def _two_processes_and_one(tmp_path, extra=(), one_config=None):
+  """Trains configs/tiny.py on a 2x2x2 mesh as 2 processes x 4 devices (`extra` overrides) while
+  this process trains `one_config` (default: the same config) on its 8 devices; returns each
+  run's metrics by step."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   procs = []
   for pid in range(2):
     cmd = [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py',
-           f'--workdir={tmp_path / "two"}', *OVERRIDES,
+           f'--workdir={tmp_path / "two"}', *OVERRIDES, *extra,
            f'--config.distributed.coordinator_address=127.0.0.1:{port}',
            '--config.distributed.initialize=on', '--config.distributed.num_processes=2',
            f'--config.distributed.process_id={pid}',
@@ -91,7 +93,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
     procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True))
   # The 8-device baseline runs here (conftest gives this process 8 CPU devices) meanwhile.
-  train.run(_one_process_config(), tmp_path / 'one')
+  train.run(one_config or _one_process_config(), tmp_path / 'one')
   for p in procs:
     try:
       _, err = p.communicate(timeout=300)
@@ -107,7 +109,12 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
       rows.setdefault(r['step'], {}).update(r)
     return rows
 
-  one, two = by_step(tmp_path / 'one'), by_step(tmp_path / 'two')
+  return by_step(tmp_path / 'one'), by_step(tmp_path / 'two')
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
+  one, two = _two_processes_and_one(tmp_path)
   assert sorted(one) == sorted(two) == [1, 2, 3, 4]
   assert one[4]['loss'] != one[1]['loss']  # it trained
   for step in one:
@@ -125,6 +132,27 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(tmp_path):
   for name in a:
     np.testing.assert_allclose(b[name].astype(np.float32), a[name].astype(np.float32),
                                rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_packed_shared_cached_two_processes_match_a_padded_in_step_reference(tmp_path):
+  """Packing, prefix sharing, the cached reference and accumulation across processes train
+  exactly what padded rows with the reference model in the step train."""
+  one_config = _one_process_config()
+  one_config.checkpoint.export_hf = False
+  one, two = _two_processes_and_one(
+      tmp_path, ('--config.data.packing=True', '--config.data.prefix_sharing=True',
+                 '--config.train.reference=cached', '--config.optimizer.grad_accum_steps=2',
+                 '--config.checkpoint.export_hf=False'), one_config)
+  assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+  for step in one:
+    for key in ('loss', 'grad_norm', 'rewards/margins', 'is/weight_mean', 'logps/rejected'):
+      assert two[step][key] == pytest.approx(one[step][key], rel=2e-4, abs=1e-5), (step, key)
+  for step in (2, 4):
+    assert two[step]['eval/loss'] == pytest.approx(one[step]['eval/loss'], rel=2e-4)
+  # One cache per split, written once by process 0.
+  assert sorted(p.name.split('-')[1] for p in (tmp_path / 'two' / 'reference_logps').iterdir()) \
+      == ['eval.npz', 'train.npz']
 
 
 @pytest.mark.slow
