@@ -207,11 +207,14 @@ def _to_host(metrics) -> dict:
 
 def _evaluate(compiled, params, reference, eval_batches, mesh, max_batches: int) -> dict:
   totals, count = {}, 0
-  for batch in itertools.islice(eval_batches(), max_batches):
+  batches = eval_batches()
+  for batch in itertools.islice(batches, max_batches):
     m = _to_host(compiled.eval_step(params, reference, sharding.global_batch(batch, mesh)))
     for k, v in m.items():
       totals[k] = totals.get(k, 0.0) + v
     count += 1
+  if hasattr(batches, 'close'):  # a Grain iterator: stop its worker processes now
+    batches.close()
   return {f'eval/{k}': v / count for k, v in totals.items()} if count else {}
 
 
@@ -374,6 +377,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
       log(*pending)
   finally:
     checkpointer.wait()
+    # Worker processes and their shared-memory buffers go now, not at interpreter exit.
+    train_iterator.close()
     preemption.restore()
     bar.close()
     writer.close()
