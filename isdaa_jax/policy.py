@@ -73,7 +73,8 @@ def attach_cached_reference(config, workdir, mesh, splits: dict, graphdef, polic
     scores = score.score_pairs(
         held['model'], pairs, mesh, batch_size=config.data.batch_size,
         length_buckets=config.data.length_buckets, chunk_size=config.model.logprob_chunk_size,
-        progress=config.train.progress_bar, desc=f'reference log-probs ({split})')
+        progress=config.train.progress_bar, desc=f'reference log-probs ({split})',
+        prefix_sharing=config.data.prefix_sharing)
     return dataclasses.asdict(scores)
 
   for split, pairs in splits.items():

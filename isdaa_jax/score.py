@@ -42,7 +42,7 @@ from ml_collections import config_flags
 
 from isdaa_jax import config as config_lib
 from isdaa_jax import reference_cache, sharding
-from isdaa_jax.data import collate, pipeline, sources
+from isdaa_jax.data import collate, pipeline, prefix, sources
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.model import hf, logprobs
 
@@ -60,6 +60,9 @@ class Scores:
 
 
 def _forward(model: nnx.Module, batch: Mapping[str, jax.Array], chunk_size: int) -> dict:
+  if prefix.KEY in batch:
+    lp_w, lp_l, n_w, n_l = prefix.sequence_logps(model, batch, chunk_size)
+    return dict(chosen_logps=lp_w, rejected_logps=lp_l, chosen_tokens=n_w, rejected_tokens=n_l)
   out = {}
   unembed_DV = model.unembedding()
   for side in collate.SIDES:
@@ -70,12 +73,13 @@ def _forward(model: nnx.Module, batch: Mapping[str, jax.Array], chunk_size: int)
   return out
 
 
-def bucketed_batches(pairs: Sequence[Mapping], batch_size: int,
-                     length_buckets: Sequence[int]) -> Iterator[tuple[np.ndarray, int]]:
-  """(pair indices, bucket length): at most `batch_size` pairs of one bucket at a time."""
+def bucketed_batches(pairs: Sequence[Mapping], batch_size: int, length_buckets: Sequence[int],
+                     length=collate.pair_length) -> Iterator[tuple[np.ndarray, int]]:
+  """(pair indices, bucket length): at most `batch_size` pairs of one bucket at a time, each
+  pair in the smallest bucket that holds `length(pair)`."""
   by_bucket = collections.defaultdict(list)
   for i, pair in enumerate(pairs):
-    by_bucket[collate.bucket_for(collate.pair_length(pair), length_buckets)].append(i)
+    by_bucket[collate.bucket_for(length(pair), length_buckets)].append(i)
   for bucket in sorted(by_bucket):
     idx = np.asarray(by_bucket[bucket])
     for start in range(0, len(idx), batch_size):
@@ -84,12 +88,14 @@ def bucketed_batches(pairs: Sequence[Mapping], batch_size: int,
 
 def score_pairs(model: nnx.Module, pairs: Sequence[Mapping], mesh: Mesh, *, batch_size: int,
                 length_buckets: Sequence[int], chunk_size: int, progress: bool = True,
-                desc: str = 'scoring') -> Scores:
+                desc: str = 'scoring', prefix_sharing: bool = False) -> Scores:
   """Summed response log-probs of every tokenized pair under `model` (sharded on `mesh`).
 
   Batches hold `batch_size` rows rounded up to a multiple of the data-parallel devices; a short
   last batch of a bucket is filled with copies of its first pair (discarded), so every batch of a
-  bucket has one shape and compiles once.
+  bucket has one shape and compiles once. `prefix_sharing` scores one prefix-shared row per pair
+  (`data/prefix.py`), so each prompt runs once; the sums equal the two-row layout's up to float
+  rounding.
   """
   n = len(pairs)
   vocab = model.cfg.vocab_size
@@ -108,12 +114,19 @@ def score_pairs(model: nnx.Module, pairs: Sequence[Mapping], mesh: Mesh, *, batc
                                               'rejected_tokens')}
   show = progress and jax.process_index() == 0
   with tqdm.tqdm(total=n, desc=desc, unit='pair', disable=not show) as bar:
-    for idx, bucket in bucketed_batches(pairs, rows, length_buckets):
-      padded = np.concatenate([idx, np.full(rows - len(idx), idx[0])])
-      local = collate.collate_pairs([pairs[i] for i in padded], bucket)
+    if prefix_sharing:
+      batches = bucketed_batches(pairs, rows, prefix.shared_buckets(length_buckets),
+                                 prefix.shared_length)
+    else:
+      batches = bucketed_batches(pairs, rows, length_buckets)
+    for idx, bucket in batches:
+      padded = [pairs[i] for i in np.concatenate([idx, np.full(rows - len(idx), idx[0])])]
+      local = (prefix.collate_shared(padded, bucket) if prefix_sharing
+               else collate.collate_pairs(padded, bucket))
+      keys = [k for k in local if k.startswith('shared_')] if prefix_sharing else _BATCH_KEYS
       # Every process holds every pair, so each device takes its slice of the global batch.
       batch = {k: jax.make_array_from_callback(local[k].shape, batch_sharding,
-                                               lambda s, a=local[k]: a[s]) for k in _BATCH_KEYS}
+                                               lambda s, a=local[k]: a[s]) for k in keys}
       result = jax.device_get(step(state, batch))
       for k in out:
         out[k][idx] = result[k][:len(idx)]

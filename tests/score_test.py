@@ -15,7 +15,7 @@ from flax import nnx
 from configs import base
 from isdaa_jax import reference_cache, score, sharding
 from isdaa_jax.data.tokenize import PairTokenizer
-from isdaa_jax.data import sources
+from isdaa_jax.data import prefix, sources
 from isdaa_jax.model import hf
 from isdaa_jax.model.llama import Llama, LlamaConfig
 
@@ -199,3 +199,15 @@ def test_command_line(tmp_path):
   cached = reference_cache.load(tmp_path / 'ref.npz', key)
   np.testing.assert_allclose(cached['rejected_logps'], [r['reference_rejected_logps'] for r in got],
                              atol=1e-5)
+
+
+def test_prefix_shared_scoring_equals_padded_scoring():
+  pairs = _id_rows(n=7, seed=3)
+  mesh = sharding.make_mesh(base.get_config().mesh, jax.devices()[:2])
+  kwargs = dict(batch_size=4, length_buckets=(16, 32), chunk_size=8, progress=False)
+  model = hf.load_model(POLICY, _config().model, mesh)
+  padded = score.score_pairs(model, pairs, mesh, **kwargs)
+  shared = score.score_pairs(model, pairs, mesh, prefix_sharing=True, **kwargs)
+  for name in ('chosen_logps', 'rejected_logps', 'chosen_tokens', 'rejected_tokens'):
+    np.testing.assert_allclose(getattr(shared, name), getattr(padded, name), rtol=1e-5,
+                               atol=1e-4, err_msg=name)
