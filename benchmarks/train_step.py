@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from isdaa_jax import config as config_lib  # noqa: E402
-from isdaa_jax import policy, sharding, train  # noqa: E402
+from isdaa_jax import policy, sharding, throughput, train  # noqa: E402
 from isdaa_jax.data import collate, packing, pipeline, prefix  # noqa: E402
 from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -325,7 +325,7 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   total_s = float(timed.sum())
   trl_tokens, run_tokens = np.asarray(tokens[warmup:]).sum(axis=0)
   n_mm = matmul_params(model_cfg)
-  flops_per_token = (8 if config.train.reference == 'model' else 6) * n_mm
+  flops_per_token = throughput.flops_per_token(n_mm, config.train.reference)
   model_flops_s = flops_per_token * run_tokens / total_s
   peak = max(peak_before, peak_after) * jax.device_count()
   return dict(

@@ -77,11 +77,12 @@ def attach_cached_reference(config, workdir, mesh, splits: dict, graphdef, polic
         prefix_sharing=config.data.prefix_sharing)
     return dataclasses.asdict(scores)
 
+  shared = reference_cache.shared_components(
+      tokenizer=config.data.tokenizer or config.model.path, data_config=config.data,
+      reference=config.train.reference_path or config.model.path, model_config=config.model,
+      seed=config.seed)
   for split, pairs in splits.items():
-    key = reference_cache.fingerprint(
-        pairs, tokenizer=config.data.tokenizer or config.model.path, data_config=config.data,
-        reference=config.train.reference_path or config.model.path, model_config=config.model,
-        seed=config.seed)
+    key = reference_cache.key_for(pairs, shared)
     path = reference_cache.cache_path(config.train.reference_cache, workdir, key, split)
     arrays, _ = reference_cache.load_or_compute(path, key, lambda p=pairs, s=split: compute(p, s))
     pairs.columns['reference_chosen_logps'] = arrays['chosen_logps']

@@ -122,17 +122,30 @@ def reference_digest(path: str, model_config, seed: int) -> str:
   return _sha_json(dict(random_init=arch, seed=seed))
 
 
-def fingerprint(pairs: Sequence[Mapping], *, tokenizer: str, data_config, reference: str,
-                model_config, seed: int) -> Key:
-  """The key of `pairs`' reference log-probs; `tokenizer` and `reference` are folders or hub ids
-  ('' = token-id data / random initialisation with `seed`)."""
-  components = dict(
-      pairs=pairs_digest(pairs),
+def shared_components(*, tokenizer: str, data_config, reference: str, model_config,
+                      seed: int) -> dict:
+  """The key components every split shares (all but `pairs`); `tokenizer` and `reference` are
+  folders or hub ids ('' = token-id data / random initialisation with `seed`). Hashing the
+  reference reads the whole checkpoint, so compute this once for all splits."""
+  return dict(
       tokenizer=tokenizer_digest(tokenizer),
       data=_sha_json({k: data_config[k] for k in _DATA_KEYS}),
       reference=reference_digest(reference, model_config, seed),
       numerics=_sha_json({k: model_config[k] for k in _NUMERIC_KEYS}))
+
+
+def key_for(pairs: Sequence[Mapping], shared: Mapping[str, str]) -> Key:
+  """The key of `pairs`' reference log-probs given `shared_components(...)`."""
+  components = dict(pairs=pairs_digest(pairs), **shared)
   return Key(_sha_json(components), components, len(pairs))
+
+
+def fingerprint(pairs: Sequence[Mapping], *, tokenizer: str, data_config, reference: str,
+                model_config, seed: int) -> Key:
+  """The key of `pairs`' reference log-probs (arguments as `shared_components`)."""
+  return key_for(pairs, shared_components(tokenizer=tokenizer, data_config=data_config,
+                                          reference=reference, model_config=model_config,
+                                          seed=seed))
 
 
 def cache_path(setting: str, workdir, key: Key, split: str) -> pathlib.Path:

@@ -34,7 +34,6 @@ from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 from isdaa_jax.preemption import Preemption
 
 
-
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
@@ -293,7 +292,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   peak = config.train.peak_flops_per_device or throughput_lib.measure_peak_flops()
   throughput = throughput_lib.Throughput(
       throughput_lib.flops_per_token(model_cfg.num_params(), config.train.reference),
-                          peak * jax.device_count())
+      peak * jax.device_count())
   config_json = json.loads(config.to_json())
   preemption = Preemption()
   start = int(state.step)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from isdaa_jax.data import collate
+from isdaa_jax.data import collate, packing, prefix
 
 
 def _pair():
@@ -32,3 +32,13 @@ def test_bucket_choice_and_overflow_message():
     collate.bucket_for(17, (16, 8))
   with pytest.raises(ValueError, match='does not fit'):
     collate.collate_pairs([_pair()], seq_len=5)
+
+
+def test_every_layout_refuses_a_pair_without_a_prompt_token():
+  pair = dict(prompt_ids=[], chosen_ids=[3, 2], rejected_ids=[4, 2])
+  for collate_fn in (lambda: collate.collate_pairs([pair], 8),
+                     lambda: prefix.collate_shared([pair], 8),
+                     lambda: packing.collate_packed([pair], 8, shared=False),
+                     lambda: packing.collate_packed([pair], 8, shared=True)):
+    with pytest.raises(ValueError, match='at least one prompt token'):
+      collate_fn()

@@ -46,6 +46,9 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 def side_arrays(prompt: np.ndarray, response: np.ndarray, seq_len: int) -> dict:
   """One side's [seq_len] arrays of the layout in the module doc."""
+  if len(prompt) < 1:
+    raise ValueError('a pair needs at least one prompt token (e.g. BOS) to predict the first '
+                     'response token from')
   seq = np.concatenate([prompt, response]).astype(np.int32)
   n = seq.shape[0]
   if n > seq_len:
@@ -73,11 +76,8 @@ def collate_pairs(pairs: Sequence[Mapping], seq_len: int) -> dict[str, np.ndarra
   for side in SIDES:
     per_pair = []
     for p in pairs:
-      prompt = np.asarray(p['prompt_ids'], np.int32)
-      if prompt.shape[0] < 1:
-        raise ValueError('a pair needs at least one prompt token (e.g. BOS) to predict the '
-                         'first response token from')
-      per_pair.append(side_arrays(prompt, np.asarray(p[f'{side}_ids'], np.int32), seq_len))
+      per_pair.append(side_arrays(np.asarray(p['prompt_ids'], np.int32),
+                                  np.asarray(p[f'{side}_ids'], np.int32), seq_len))
     for key in per_pair[0]:
       rows[f'{side}_{key}'] = np.stack([a[key] for a in per_pair])
   for col in LOGP_COLUMNS:

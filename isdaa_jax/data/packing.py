@@ -63,9 +63,6 @@ def _units(pair: Mapping, k: int, num_pairs: int, shared: bool) -> list[dict]:
                 first=(k, r['prompt_last'], r['rejected_first'], r['rejected_first_mask']))
     return [unit]
   prompt = np.asarray(pair['prompt_ids'], np.int32)
-  if prompt.shape[0] < 1:
-    raise ValueError('a pair needs at least one prompt token (e.g. BOS) to predict the first '
-                     'response token from')
   units = []
   for role, side in ((prefix.CHOSEN, 'chosen'), (prefix.REJECTED, 'rejected')):
     response = np.asarray(pair[f'{side}_ids'], np.int32)
