@@ -36,11 +36,11 @@ import sys
 import tempfile
 import textwrap
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ and benchmarks/
+# Run as a script, this file's folder is on sys.path: train_step is its neighbour.
+import train_step
 
-from benchmarks import train_step  # noqa: E402
-from configs import base  # noqa: E402
-from isdaa_jax import config as config_lib  # noqa: E402
+from isdaa_jax import config as config_lib
+from isdaa_jax import defaults
 
 VOCAB, HIDDEN, INTERMEDIATE, LAYERS, HEADS = 8192, 256, 688, 4, 8
 NUM_PAIRS, PROMPT, RESPONSE, BATCH, BETA = 64, 64, 32, 8, 0.1
@@ -189,7 +189,7 @@ def run_trl(python: pathlib.Path, pairs, workdir: pathlib.Path, args) -> dict:
 
 
 def isdaa_config(model_dir: pathlib.Path, overrides: dict):
-  config = base.get_config()
+  config = defaults.get_config()
   config.model.path = str(model_dir)
   config.data.batch_size = BATCH
   config.loss.name = 'dpo'

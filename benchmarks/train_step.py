@@ -23,24 +23,21 @@ import argparse
 import ast
 import json
 import os
-import pathlib
 import resource
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ and benchmarks/
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from configs import base  # noqa: E402
-from isdaa_jax import config as config_lib  # noqa: E402
-from isdaa_jax import policy, sharding, throughput, train  # noqa: E402
-from isdaa_jax.data import collate, packing, pipeline, prefix  # noqa: E402
-from isdaa_jax.model.llama import LlamaConfig  # noqa: E402
-from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
+from isdaa_jax import config as config_lib
+from isdaa_jax import defaults
+from isdaa_jax import policy, sharding, throughput, train
+from isdaa_jax.data import collate, packing, pipeline, prefix
+from isdaa_jax.model.llama import LlamaConfig
+from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 
 # name -> config overrides on top of the baseline (frozen reference model in the step, chunked
 # log-probs, no remat, float32 everywhere).
@@ -133,7 +130,7 @@ def _parse_sets(sets) -> dict:
 
 
 def make_config(args, overrides: dict):
-  config = base.get_config()
+  config = defaults.get_config()
   m = config.model
   if args.preset:
     m.preset = args.preset

@@ -15,17 +15,13 @@ Produces in the workdir: checkpoints, TensorBoard metrics (loss, rewards/*, impo
 eval loss) and the final policy in Hugging Face format under hf/.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import base  # noqa: E402
+from isdaa_jax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
+  config = defaults.get_config()
   config.model.path = 'meta-llama/Llama-3.2-1B-Instruct'
   config.model.param_dtype = 'float32'
   config.model.dtype = 'bfloat16'

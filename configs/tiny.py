@@ -8,15 +8,11 @@ Rerun with a larger --config.train.num_steps on the same workdir to resume. The 
 visible device, so XLA_FLAGS=--xla_force_host_platform_device_count=8 runs it on 8 CPU devices.
 """
 
-import pathlib
-import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import base  # noqa: E402
+from isdaa_jax import defaults
 
 
 def get_config():
-  config = base.get_config()
+  config = defaults.get_config()
   m = config.model
   m.vocab_size = 128
   m.hidden_size = 32

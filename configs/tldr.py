@@ -14,17 +14,13 @@ flattened `trl-lib/tldr-preference` (prompt/chosen/rejected strings) also works 
 Produces in the workdir: checkpoints, TensorBoard metrics and the final policy under hf/.
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import base  # noqa: E402
+from isdaa_jax import defaults
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = base.get_config()
+  config = defaults.get_config()
   config.model.path = 'meta-llama/Llama-3.2-1B'
   config.model.param_dtype = 'float32'
   config.model.dtype = 'bfloat16'

@@ -14,8 +14,10 @@ from typing import Any, Optional
 import orbax.checkpoint as ocp
 from absl import logging
 
+from isdaa_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
   """No readable checkpoint could be restored."""
 
 

@@ -8,19 +8,14 @@ combinations.
 
 import ml_collections
 
+from isdaa_jax.errors import UserError
 from isdaa_jax.losses import LOSS_NAMES, REFERENCE_FREE
 DATA_SOURCES = ('hh', 'tldr', 'ultrafeedback', 'pairs', 'synthetic')
 DTYPES = ('float32', 'bfloat16')
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A config value the user must change; the message says which and how."""
-
-
-# Errors a user causes (bad values, missing files, unreachable hub, malformed rows): the entry
-# points print their one-sentence message instead of a traceback. Library code raises these
-# types only with such a message.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:

@@ -12,8 +12,10 @@ from typing import Mapping, Optional
 import jax
 from absl import logging
 
+from isdaa_jax.errors import UserError
 
-class DistributedError(ValueError):
+
+class DistributedError(UserError):
   """The distributed runtime could not start with the given coordinator settings."""
 
 

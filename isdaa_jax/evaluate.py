@@ -7,6 +7,7 @@ The gold reward is any callable `gold(prompts [B, P] ragged list, responses [B, 
 """
 
 import dataclasses
+import json
 from typing import Callable, Sequence
 
 import jax
@@ -16,6 +17,7 @@ from flax import nnx
 
 from isdaa_jax import sample
 from isdaa_jax.data import collate
+from isdaa_jax.errors import UserError
 from isdaa_jax.model import logprobs
 
 GoldFn = Callable[[Sequence[Sequence[int]], np.ndarray, np.ndarray], np.ndarray]
@@ -135,105 +137,56 @@ def import_callable(spec: str) -> GoldFn:
   import importlib  # pylint: disable=g-import-not-at-top
   module, _, name = spec.partition(':')
   if not module or not name:
-    raise ValueError(f"--gold={spec!r} must look like 'package.module:function'")
+    raise UserError(f"the gold reward {spec!r} must look like 'package.module:function'")
   try:
     return getattr(importlib.import_module(module), name)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f'cannot import the gold reward {spec!r} ({e}); check the module path and '
+    raise UserError(f'cannot import the gold reward {spec!r} ({e}); check the module path and '
                      'that it is importable from the current directory') from e
 
 
-# ------------------------------------------------------------------------------------------------
-# `python -m isdaa_jax.evaluate --policy DIR --reference DIR --prompts FILE.jsonl
-#     (--gold=module:fn | --reward_model=DIR) --out=OUT.json`
-
-
-def _main(argv):
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
-  from isdaa_jax import sharding  # pylint: disable=g-import-not-at-top
-  from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
-  del argv
-  f = flags.FLAGS
-  try:
-    if bool(f.gold) == bool(f.reward_model):
-      raise ValueError('give exactly one of --gold=package.module:function or '
-                       '--reward_model=DIR_OR_HUB_ID')
-    model_config = base.model_config()
-    mesh = sharding.make_mesh(base.mesh_config())
-    policy = hf.load_model(f.policy, model_config, mesh)
-    reference = hf.load_model(f.reference, model_config, mesh)
-    gold_fn = (import_callable(f.gold) if f.gold
-               else RewardModelGold(f.reward_model, model_config, mesh))
-    with open(f.prompts) as fh:
-      prompts = [json.loads(line)['prompt_ids'] for line in fh if line.strip()]
-    if f.limit:
-      prompts = prompts[:f.limit]
-    params = SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                            top_k=f.top_k, top_p=f.top_p, eos_id=f.eos_id)
-    ref_samples = sample.generate(reference, prompts, jax.random.key(f.seed + 1), params)
-    result = evaluate(policy, reference, prompts, jax.random.key(f.seed), params, gold_fn,
-                      reference_samples=ref_samples)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    import sys  # pylint: disable=g-import-not-at-top
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
-  with open(f.out, 'w') as fh:
-    json.dump(dict(result.as_dict(), prompts=len(prompts)), fh, indent=2)
-  print(json.dumps(result.as_dict()))
-
-
-SamplingParams = sample.SamplingParams
-
-if __name__ == '__main__':
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('policy', None, 'Policy: Hugging Face folder or hub id.', required=True)
-  flags.DEFINE_string('reference', None, 'Reference: folder or hub id.', required=True)
-  flags.DEFINE_string('prompts', None, 'JSONL with prompt_ids per row.', required=True)
-  flags.DEFINE_string('out', None, 'Where the JSON result goes.', required=True)
-  flags.DEFINE_string('gold', '', 'Gold reward as package.module:function.')
-  flags.DEFINE_string('reward_model', '', 'LlamaForSequenceClassification folder or hub id.')
-  flags.DEFINE_integer('max_new_tokens', 128, 'Longest response.')
-  flags.DEFINE_float('temperature', 1.0, 'Sampling temperature (1 keeps the KL estimate exact).')
-  flags.DEFINE_integer('top_k', 0, 'Top-k (0 = off).')
-  flags.DEFINE_float('top_p', 1.0, 'Top-p (1 = off).')
-  flags.DEFINE_integer('eos_id', 2, 'End-of-sequence token id.')
-  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-  flags.DEFINE_integer('limit', 0, 'Use only the first N prompts (0 = all).')
-  app.run(_main)
-
-
-def _read_prompts(path: str, limit: int) -> list[list[int]]:
-  import json  # pylint: disable=g-import-not-at-top
+def read_prompts(path: str, limit: int) -> list[list[int]]:
+  """Prompt token ids from a JSONL file (`prompt_ids`, or `prompt_tokens` as written by
+  `python -m isdaa_jax.data --dump`); the first `limit` rows (0 = all)."""
   prompts = []
   try:
     with open(path) as fh:
-      for line in fh:
+      for number, line in enumerate(fh, start=1):
         if line.strip():
-          row = json.loads(line)
-          ids = row.get('prompt_ids', row.get('prompt_tokens'))
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise UserError(f'line {number} of the prompts file {path} is not JSON ({e.msg}); '
+                            'fix it or write the file with python -m isdaa_jax.data --dump') from None
+          ids = row.get('prompt_ids', row.get('prompt_tokens')) if isinstance(row, dict) else None
           if not isinstance(ids, list):
-            raise ValueError(f'config.sample_eval.prompts={path!r}: rows need `prompt_ids` (a '
-                             'list of token ids), e.g. from python -m isdaa_jax.data --dump')
+            raise UserError(f'line {number} of the prompts file {path} has no `prompt_ids` (a '
+                            'list of token ids); write one with python -m isdaa_jax.data --dump')
           prompts.append(ids)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f'config.sample_eval.prompts={path!r} does not exist; write one with '
-                            'python -m isdaa_jax.data --dump or set config.sample_eval.every=0') from e
+  except FileNotFoundError:
+    raise UserError(f'the prompts file {path} does not exist; write one with python -m '
+                    'isdaa_jax.data --dump (in training: or set config.sample_eval.every=0)'
+                    ) from None
   return prompts[:limit] if limit else prompts
+
+
+def gold_fn_from_config(sample_config, model_config, mesh) -> GoldFn:
+  """The gold reward named by `config.sample_eval`: exactly one of `gold` (a callable) and
+  `reward_model` (a checkpoint)."""
+  if bool(sample_config.gold) == bool(sample_config.reward_model):
+    raise UserError('give exactly one gold reward: config.sample_eval.gold (--gold, '
+                    'package.module:function) or config.sample_eval.reward_model (--reward_model, '
+                    'a folder or hub id)')
+  if sample_config.gold:
+    return import_callable(sample_config.gold)
+  return RewardModelGold(sample_config.reward_model, model_config, mesh)
 
 
 def training_hook(sample_config, model_config, graphdef, reference_params, mesh):
   """(every, hook) for `train.run`: logs sample/kl, sample/gold, sample/win_rate, ... ."""
-  if bool(sample_config.gold) == bool(sample_config.reward_model):
-    raise ValueError('config.sample_eval needs exactly one of gold (package.module:function) or '
-                     'reward_model (a folder or hub id)')
-  gold_fn = (import_callable(sample_config.gold) if sample_config.gold
-             else RewardModelGold(sample_config.reward_model, model_config, mesh))
-  prompts = _read_prompts(sample_config.prompts, sample_config.num_prompts)
-  params = sample.SamplingParams(max_new_tokens=sample_config.max_new_tokens,
-                                 temperature=sample_config.temperature, top_k=sample_config.top_k,
-                                 top_p=sample_config.top_p, eos_id=sample_config.eos_id)
+  gold_fn = gold_fn_from_config(sample_config, model_config, mesh)
+  prompts = read_prompts(sample_config.prompts, sample_config.num_prompts)
+  params = sample.SamplingParams.from_config(sample_config)
   reference = nnx.merge(graphdef, reference_params)
   key = jax.random.key(sample_config.seed)
   # Step hooks fold in step numbers >= 0; the reference samples take their own stream.
@@ -245,3 +198,78 @@ def training_hook(sample_config, model_config, graphdef, reference_params, mesh)
     return {f'sample/{k}': v for k, v in res.as_dict().items()}
 
   return sample_config.every, hook
+
+
+# ------------------------------------------------------------------------------------------------
+# `python -m isdaa_jax.evaluate --policy DIR --reference DIR --prompts FILE.jsonl
+#     (--gold=module:fn | --reward_model=DIR) --out=OUT.json [--config=configs/hh.py ...]`
+
+# Flags that override config.sample_eval's key of the same name when given.
+_SAMPLE_FLAGS = ('gold', 'reward_model', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+                 'eos_id', 'seed')
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from isdaa_jax import defaults  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file(
+      'config', defaults.__file__, 'Config file whose model (dtypes, attention), mesh and '
+      'sample_eval (sampling, gold reward) sections apply.', lock_config=True)
+  flags.DEFINE_string('policy', None, 'Policy: Hugging Face folder or hub id.', required=True)
+  flags.DEFINE_string('reference', None, 'Reference: folder or hub id.', required=True)
+  flags.DEFINE_string('prompts', None, 'JSONL with prompt_ids per row.', required=True)
+  flags.DEFINE_string('out', None, 'Where the JSON result goes.', required=True)
+  flags.DEFINE_string('gold', None, 'Gold reward as package.module:function.')
+  flags.DEFINE_string('reward_model', None, 'LlamaForSequenceClassification folder or hub id.')
+  flags.DEFINE_integer('max_new_tokens', None, 'Longest response.')
+  flags.DEFINE_float('temperature', None, 'Sampling temperature (1 keeps the KL estimate exact).')
+  flags.DEFINE_integer('top_k', None, 'Top-k (0 = off).')
+  flags.DEFINE_float('top_p', None, 'Top-p (1 = off).')
+  flags.DEFINE_integer('eos_id', None, 'End-of-sequence token id.')
+  flags.DEFINE_integer('seed', None, 'Sampling seed.')
+  flags.DEFINE_integer('limit', 0, 'Use only the first N prompts (0 = all).')
+
+
+def run(config, *, policy: str, reference: str, prompts_path: str, limit: int) -> dict:
+  """The command: loads both models, samples and scores; returns the result with the count."""
+  from isdaa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+  s = config.sample_eval
+  prompts = read_prompts(prompts_path, limit)
+  mesh = sharding.make_mesh(config.mesh)
+  gold_fn = gold_fn_from_config(s, config.model, mesh)
+  policy_model = hf.load_model(policy, config.model, mesh)
+  reference_model = hf.load_model(reference, config.model, mesh)
+  params = sample.SamplingParams.from_config(s)
+  ref_samples = sample.generate(reference_model, prompts, jax.random.key(s.seed + 1), params)
+  result = evaluate(policy_model, reference_model, prompts, jax.random.key(s.seed), params,
+                    gold_fn, reference_samples=ref_samples)
+  return dict(result.as_dict(), prompts=len(prompts))
+
+
+def _main(argv):
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  f = flags.FLAGS
+  config = f.config
+  for name in _SAMPLE_FLAGS:
+    if f[name].value is not None:
+      config.sample_eval[name] = f[name].value
+  try:
+    result = run(config, policy=f.policy, reference=f.reference, prompts_path=f.prompts,
+                 limit=f.limit)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+  with open(f.out, 'w') as fh:
+    json.dump(result, fh, indent=2)
+  print(json.dumps({k: v for k, v in result.items() if k != 'prompts'}))
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags()
+  app.run(_main)

@@ -12,6 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from isdaa_jax import config as config_lib
+from isdaa_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -34,7 +35,7 @@ def main(argv):
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'config.json').write_text(json.dumps(json.loads(config.to_json()), indent=2))
     train.run(config, workdir)
-  except config_lib.USER_ERRORS + (train.TrainingDiverged,) as e:
+  except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

@@ -37,6 +37,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import isdaa_jax
+from isdaa_jax.errors import UserError
 
 FORMAT = 'isdaa_jax.reference_cache/1'
 ARRAYS = ('chosen_logps', 'rejected_logps', 'chosen_tokens', 'rejected_tokens')
@@ -54,7 +55,7 @@ _WHAT = dict(pairs='tokenized pairs (data, max_examples, eval_holdout, ...)',
              numerics='config.model dtype/param_dtype')
 
 
-class ReferenceCacheError(ValueError):
+class ReferenceCacheError(UserError):
   """A file at a cache path that is not a complete reference cache."""
 
 

@@ -28,10 +28,11 @@ class SamplingParams:
   eos_id: int = 2
 
   @classmethod
-  def from_config(cls, sample_config, eos_id: int) -> 'SamplingParams':
+  def from_config(cls, sample_config) -> 'SamplingParams':
+    """From `config.sample_eval`."""
     return cls(max_new_tokens=sample_config.max_new_tokens,
                temperature=sample_config.temperature, top_k=sample_config.top_k,
-               top_p=sample_config.top_p, eos_id=eos_id)
+               top_p=sample_config.top_p, eos_id=sample_config.eos_id)
 
 
 @dataclasses.dataclass

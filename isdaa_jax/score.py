@@ -40,10 +40,10 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from isdaa_jax import config as config_lib
-from isdaa_jax import reference_cache, sharding
+from isdaa_jax import defaults, reference_cache, sharding
 from isdaa_jax.data import collate, pipeline, prefix, sources
 from isdaa_jax.data.tokenize import PairTokenizer
+from isdaa_jax.errors import UserError
 from isdaa_jax.model import hf, logprobs
 
 _BATCH_KEYS = tuple(f'{side}_{key}' for side in collate.SIDES
@@ -102,7 +102,7 @@ def score_pairs(model: nnx.Module, pairs: Sequence[Mapping], mesh: Mesh, *, batc
   for key in ('prompt_ids', 'chosen_ids', 'rejected_ids'):
     top = max((int(np.max(p[key])) for p in pairs if len(p[key])), default=-1)
     if top >= vocab:
-      raise ValueError(f'the pairs hold token id {top} but the model vocabulary has {vocab} '
+      raise UserError(f'the pairs hold token id {top} but the model vocabulary has {vocab} '
                        'entries; tokenize with the model\'s tokenizer (--tokenizer)')
   dp = mesh.shape['data'] * mesh.shape['fsdp']
   rows = -(-batch_size // dp) * dp
@@ -162,14 +162,11 @@ def output_rows(examples: Sequence[pipeline.Example], policy: Scores,
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
-_BASE_CONFIG = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'base.py'
-
-
 def _define_flags():
   # Defined only when run as a program, so importing this module (training, tests) adds no
   # flags that could clash with another entry point's.
   config_flags.DEFINE_config_file(
-      'config', str(_BASE_CONFIG), 'Config file whose model (dtypes, attention), data '
+      'config', defaults.__file__, 'Config file whose model (dtypes, attention), data '
       '(tokenization, length buckets, batch size) and mesh sections apply.', lock_config=True)
   flags.DEFINE_string('model', None, 'Policy: Hugging Face folder or hub id.')
   flags.DEFINE_string('reference', None, 'Reference: Hugging Face folder or hub id.')
@@ -200,22 +197,22 @@ def run(config, *, model: str, reference: Optional[str], pairs_path: str,
         as_reference: bool, cache_path: Optional[str] = None) -> dict:
   """The command: reads, scores and writes; returns the drop/truncation summary."""
   if as_reference and reference:
-    raise ValueError('--as_reference writes the --model log-probs as the reference; do not also '
+    raise UserError('--as_reference writes the --model log-probs as the reference; do not also '
                      'give --reference')
   if not (out_path or cache_path):
-    raise ValueError('give --out (scores as .jsonl) or --cache_out (a reference cache), or both')
+    raise UserError('give --out (scores as .jsonl) or --cache_out (a reference cache), or both')
   if cache_path and not (as_reference or reference):
-    raise ValueError('--cache_out stores reference log-probs: add --as_reference (the --model is '
+    raise UserError('--cache_out stores reference log-probs: add --as_reference (the --model is '
                      'the reference) or --reference')
   path = pathlib.Path(pairs_path).expanduser()
   if not path.is_file():
-    raise FileNotFoundError(f'--pairs {pairs_path} does not exist; give a .jsonl/.json/.parquet '
+    raise UserError(f'--pairs {pairs_path} does not exist; give a .jsonl/.json/.parquet '
                             'file of pairs')
   tokenizer = tokenizer or config.data.tokenizer or model
   examples, stats = tokenized_examples(sources.read_file(path), source, config.data, tokenizer,
                                        str(path))
   if not examples:
-    raise ValueError(f'no pair of {path} could be scored (dropped: {dict(stats.dropped)}); check '
+    raise UserError(f'no pair of {path} could be scored (dropped: {dict(stats.dropped)}); check '
                      '--source and the rows')
   pairs = [ex.pair for ex in examples]
   mesh = sharding.make_mesh(config.mesh)
@@ -255,7 +252,7 @@ def main(argv):
     summary = run(f.config, model=f.model, reference=f.reference, pairs_path=f.pairs,
                   out_path=f.out, tokenizer=f.tokenizer, batch_size=f.batch_size,
                   source=f.source, as_reference=f.as_reference, cache_path=f.cache_out)
-  except config_lib.USER_ERRORS as e:
+  except UserError as e:
     logging.error('%s: %s', type(e).__name__, e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

@@ -13,6 +13,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from isdaa_jax.errors import UserError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # The batch is split over every data-parallel axis (fsdp included: ZeRO-3 style).
 BATCH_AXES = ('data', 'fsdp')
@@ -29,7 +31,7 @@ LOGICAL_RULES = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(UserError):
   """The requested mesh does not fit the devices."""
 
 

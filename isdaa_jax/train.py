@@ -28,6 +28,7 @@ from isdaa_jax import losses, sharding
 from isdaa_jax import policy as policy_lib
 from isdaa_jax import throughput as throughput_lib
 from isdaa_jax.data import packing, prefix
+from isdaa_jax.errors import UserError
 from isdaa_jax.metrics_writer import MetricsWriter
 from isdaa_jax.model import logprobs
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
@@ -196,7 +197,7 @@ def describe_nonfinite(metrics: dict) -> Optional[str]:
 # The loop.
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError):
   """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
 
 
@@ -252,7 +253,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
 
   data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
   if config.data.batch_size % data_parallel:
-    raise ValueError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
+    raise UserError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
                      f'data-parallel mesh size data*fsdp={data_parallel}')
   data = pipeline.load(config.data, model_path=config.model.path,
                        vocab_size=model_cfg.vocab_size)

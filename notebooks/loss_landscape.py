@@ -13,20 +13,13 @@
 
 # %%
 import os
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-# configs/ (where every default lives) sits at the repo root, next to notebooks/.
-ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
-            if (p / 'configs' / 'base.py').is_file())
-sys.path.insert(0, str(ROOT))
-from configs import base  # noqa: E402
-from isdaa_jax import losses  # noqa: E402
+from isdaa_jax import defaults, losses
 
 FAST = os.environ.get('ISDAA_NOTEBOOK_FAST') == '1'
 NUM_POINTS = 41 if FAST else 601  # points on every curve
@@ -62,7 +55,7 @@ def pairs(delta, log_ratio_sum=0.0, chosen_tokens=N_TOKENS, rejected_tokens=N_TO
 
 def loss_config(**overrides):
   """configs/base.py's loss section with some keys changed."""
-  cfg = base.loss_config()
+  cfg = defaults.loss_config()
   cfg.lock()  # a misspelled key fails instead of being added
   cfg.update(overrides)
   return cfg

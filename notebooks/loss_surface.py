@@ -28,23 +28,22 @@ import functools
 import json
 import os
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-# configs/ (where every default lives) sits at the repo root, next to notebooks/.
-ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
-            if (p / 'configs' / 'base.py').is_file())
-sys.path.insert(0, str(ROOT))
-from configs import lab as lab_config  # noqa: E402
-from isdaa_jax import checkpoint, losses, policy, sharding, train  # noqa: E402
-from isdaa_jax.data import collate  # noqa: E402
-from isdaa_jax.lab import results as lab_results  # noqa: E402
-from isdaa_jax.lab import study  # noqa: E402
-from isdaa_jax.optimizer import make_optimizer  # noqa: E402
+# Lab folders are relative to the repository root (the folder holding configs/lab.py), or to the
+# working directory outside a checkout.
+ROOT = next((p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
+             if (p / 'configs' / 'lab.py').is_file()), pathlib.Path.cwd())
+from isdaa_jax.lab import defaults as lab_defaults
+from isdaa_jax import checkpoint, losses, policy, sharding, train
+from isdaa_jax.data import collate
+from isdaa_jax.lab import results as lab_results
+from isdaa_jax.lab import study
+from isdaa_jax.optimizer import make_optimizer
 
 FAST = os.environ.get('ISDAA_NOTEBOOK_FAST') == '1'
 GRID = 5 if FAST else 21  # points along each direction
@@ -81,7 +80,7 @@ print(f'lab: {LAB_DIR}\nruns: {METHOD} beta {BETA:g} seed {SEED_RUN}, '
 
 # %%
 def run_config(importance):
-  cfg = study.run_config(lab_config.get_config(results['meta']['mode']), METHOD, BETA,
+  cfg = study.run_config(lab_defaults.get_config(results['meta']['mode']), METHOD, BETA,
                          importance, SEED_RUN, LAB_DIR / 'pairs.jsonl')
   cfg.model.path = str(LAB_DIR / 'reference')
   cfg.train.num_steps = results['meta']['steps']

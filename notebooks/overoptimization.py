@@ -25,19 +25,18 @@ import json
 import math
 import os
 import pathlib
-import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-# configs/ (where every default lives) sits at the repo root, next to notebooks/.
-ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
-            if (p / 'configs' / 'base.py').is_file())
-sys.path.insert(0, str(ROOT))
-from isdaa_jax.lab import report, study  # noqa: E402
-from isdaa_jax.lab import results as lab_results  # noqa: E402
-from isdaa_jax.metrics_writer import read_metrics  # noqa: E402
+# Lab folders are relative to the repository root (the folder holding configs/lab.py), or to the
+# working directory outside a checkout.
+ROOT = next((p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
+             if (p / 'configs' / 'lab.py').is_file()), pathlib.Path.cwd())
+from isdaa_jax.lab import report, study
+from isdaa_jax.lab import results as lab_results
+from isdaa_jax.metrics_writer import read_metrics
 
 FAST = os.environ.get('ISDAA_NOTEBOOK_FAST') == '1'
 plt.rcParams.update({'figure.dpi': 60 if FAST else 100, 'axes.grid': True, 'grid.alpha': 0.3})

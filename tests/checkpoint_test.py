@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import checkpoint
 
 
 def _ckpt_config(keep_last=2, keep_best=True):
-  c = base.checkpoint_config()
+  c = defaults.checkpoint_config()
   c.keep_last, c.keep_best, c.async_save = keep_last, keep_best, True
   return c
 
@@ -98,9 +98,9 @@ def test_incompatible_checkpoints_raise_instead_of_starting_over(tmp_path):
 _KILLED_MID_SAVE = textwrap.dedent("""
     import os, sys
     import grain, jax.numpy as jnp
-    from configs import base
+    from isdaa_jax import defaults
     from isdaa_jax import checkpoint
-    c = base.checkpoint_config()
+    c = defaults.checkpoint_config()
     c.keep_last, c.keep_best, c.async_save = 3, False, True
     it = iter(grain.MapDataset.range(100).shuffle(seed=3).to_iter_dataset())
     ck = checkpoint.Checkpointer(sys.argv[1], c, has_data_state=True)

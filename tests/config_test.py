@@ -2,16 +2,16 @@
 
 import pytest
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import config as config_lib
 
 
 def _cfg(**overrides):
-  return config_lib.apply_overrides(base.get_config(), overrides)
+  return config_lib.apply_overrides(defaults.get_config(), overrides)
 
 
 def test_base_config_is_valid():
-  config_lib.validate(base.get_config())
+  config_lib.validate(defaults.get_config())
 
 
 @pytest.mark.parametrize('overrides,message', [
@@ -57,7 +57,7 @@ def test_reference_free_loss_without_reference_is_valid():
 
 
 def test_unknown_key_and_wrong_type_fail_where_written():
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   with pytest.raises(AttributeError, match='bta'):
     cfg.loss.bta = 0.2
   with pytest.raises(TypeError):
@@ -65,7 +65,7 @@ def test_unknown_key_and_wrong_type_fail_where_written():
 
 
 def test_apply_overrides_sets_dotted_keys_and_rejects_unknown_ones():
-  cfg = config_lib.apply_overrides(base.get_config(), {'model.remat': 'dots',
+  cfg = config_lib.apply_overrides(defaults.get_config(), {'model.remat': 'dots',
                                                        'loss.importance.eps': 0.5})
   assert cfg.model.remat == 'dots' and cfg.loss.importance.eps == 0.5
   with pytest.raises(KeyError, match='remmat'):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import tokenizer_util
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax.data import collate, pipeline, sources
 
 N_PAIRS, BUCKETS = 100, (16, 32, 64)
@@ -42,7 +42,7 @@ def _write(path, rows):
 
 
 def _data(path, **overrides):
-  data = base.data_config()
+  data = defaults.data_config()
   data.source, data.path = 'pairs', str(path)
   data.max_length, data.max_prompt_length, data.length_buckets = 64, 32, BUCKETS
   data.batch_size = 8
@@ -218,7 +218,7 @@ def test_size_and_vocabulary_errors(id_file):
 
 
 def test_synthetic_source():
-  data = base.data_config()
+  data = defaults.data_config()
   data.batch_size = 16
   loaded = pipeline.load(data, vocab_size=128)
   assert len(loaded.train) == data.synthetic.num_pairs and loaded.eval is None

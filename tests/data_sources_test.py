@@ -9,7 +9,7 @@ import datasets
 import numpy as np
 import pytest
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax.data import sources
 
 HH_FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'data' / 'hh_small.jsonl'
@@ -134,7 +134,7 @@ def test_missing_column_names_the_source():
 
 
 def test_synthetic_rows_are_deterministic_and_in_range():
-  syn = base.data_config().synthetic
+  syn = defaults.data_config().synthetic
   a = sources.synthetic_rows(syn, vocab_size=64, seed=3)
   assert a == sources.synthetic_rows(syn, vocab_size=64, seed=3)
   assert a != sources.synthetic_rows(syn, vocab_size=64, seed=4)
@@ -177,7 +177,7 @@ def test_file_formats(tmp_path):
 
 
 def test_folders_saved_datasets_and_missing_paths(tmp_path):
-  data = base.data_config()
+  data = defaults.data_config()
   train = [dict(prompt='q', chosen=' a', rejected=' b')] * 3
   test = [dict(prompt='q', chosen=' c', rejected=' d')] * 2
   # A hub-snapshot-like folder with a subset sub-folder.
@@ -204,7 +204,7 @@ def test_folders_saved_datasets_and_missing_paths(tmp_path):
 
 
 def test_unreachable_hub_is_one_sentence_naming_the_path_key():
-  data = base.data_config()
+  data = defaults.data_config()
   data.source, data.hub_id = 'hh', 'no-such-owner/no-such-dataset'
   with pytest.raises(sources.DataSourceError) as e:
     sources.read_rows(data, 'train')

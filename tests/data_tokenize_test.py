@@ -7,7 +7,7 @@ import pytest
 import transformers
 
 import tokenizer_util
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax.data import collate, sources, tokenize
 
 BOS, EOS = 1, 2
@@ -31,7 +31,7 @@ def chat_tok(tmp_path_factory):
 
 
 def _data(**overrides):
-  data = base.data_config()
+  data = defaults.data_config()
   data.max_length, data.max_prompt_length = 512, 256
   for key, value in overrides.items():
     data[key] = value

@@ -52,12 +52,12 @@ def test_mean_and_stderr():
 
 
 def test_reward_model_matches_transformers_fixture():
-  from configs import base
+  from isdaa_jax import defaults
   from isdaa_jax import sharding
   import pathlib
   fixture = pathlib.Path(__file__).parent / 'fixtures' / 'llama_reward'
-  mesh = sharding.make_mesh(base.mesh_config(), devices=jax.devices()[:1])
-  gold = evaluate.RewardModelGold(str(fixture), base.model_config(), mesh)
+  mesh = sharding.make_mesh(defaults.mesh_config(), devices=jax.devices()[:1])
+  gold = evaluate.RewardModelGold(str(fixture), defaults.model_config(), mesh)
   ref = np.load(fixture / 'reference.npz')
   scores = evaluate.reward_scores(gold.backbone, gold.head, ref['input_ids'],
                                   ref['attention_mask'])

@@ -5,7 +5,7 @@ import json
 import pytest
 import transformers
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax.model import hf_config
 from isdaa_jax.model.llama import LlamaConfig
 
@@ -43,7 +43,7 @@ def test_defaults_of_the_format_fill_absent_keys():
 
 
 def test_execution_policy_comes_from_the_model_config():
-  model_config = base.get_config().model
+  model_config = defaults.get_config().model
   model_config.param_dtype, model_config.dtype, model_config.remat = 'float32', 'bfloat16', 'full'
   model_config.scan_layers = True
   cfg = hf_config.from_hf_dict(V5, model_config)
@@ -62,7 +62,7 @@ def test_execution_policy_comes_from_the_model_config():
 ])
 def test_unsupported_configs_raise_one_sentence(change, match):
   hf = {k: v for k, v in dict(V5, **change).items() if v is not None}
-  with pytest.raises(hf_config.CheckpointError, match=match) as e:
+  with pytest.raises(hf_config.ModelFileError, match=match) as e:
     hf_config.from_hf_dict(hf)
   assert '\n' not in str(e.value)
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import sharding
 from isdaa_jax.model import hf, logprobs
 
@@ -28,14 +28,14 @@ CAUSAL = ('llama_gqa', 'llama_tied', 'llama_rope3', 'llama_sharded')
 
 
 def _model_config(**overrides):
-  cfg = base.get_config().model
+  cfg = defaults.get_config().model
   for k, v in overrides.items():
     setattr(cfg, k, v)
   return cfg
 
 
 def _mesh(data=1, fsdp=1, tensor=1):
-  mesh_cfg = base.get_config().mesh
+  mesh_cfg = defaults.get_config().mesh
   mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = data, fsdp, tensor
   return sharding.make_mesh(mesh_cfg, jax.devices()[:data * fsdp * tensor])
 
@@ -239,7 +239,7 @@ def test_missing_tensor_is_named(tmp_path):
   tensors = safetensors.numpy.load_file(folder / 'model.safetensors')
   del tensors['model.layers.1.mlp.up_proj.weight']
   safetensors.numpy.save_file(tensors, folder / 'model.safetensors', metadata={'format': 'pt'})
-  with pytest.raises(hf.CheckpointError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj"):
+  with pytest.raises(hf.ModelFileError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj"):
     hf.load_model(str(folder), _model_config(), _mesh())
 
 
@@ -248,7 +248,7 @@ def test_mismatched_shape_names_tensor_and_both_shapes(tmp_path):
   config = json.loads((folder / 'config.json').read_text())
   config['intermediate_size'] = 48
   (folder / 'config.json').write_text(json.dumps(config))
-  with pytest.raises(hf.CheckpointError,
+  with pytest.raises(hf.ModelFileError,
                      match=r"'model\.layers\.0\.mlp\.gate_proj\.weight'.*\(64, 32\).*\(48, 32\)"):
     hf.load_model(str(folder), _model_config(), _mesh())
 
@@ -258,7 +258,7 @@ def test_unknown_tensors_mean_another_architecture(tmp_path):
   tensors = safetensors.numpy.load_file(folder / 'model.safetensors')
   tensors['model.layers.0.self_attn.q_proj.bias'] = np.zeros(32, np.float32)
   safetensors.numpy.save_file(tensors, folder / 'model.safetensors', metadata={'format': 'pt'})
-  with pytest.raises(hf.CheckpointError, match='q_proj.bias'):
+  with pytest.raises(hf.ModelFileError, match='q_proj.bias'):
     hf.load_model(str(folder), _model_config(), _mesh())
 
 

@@ -5,14 +5,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from configs import lab as lab_config
+from isdaa_jax.lab import defaults as lab_defaults
 from isdaa_jax.lab import report
 from isdaa_jax.lab.task import EOS, Task
 
 
 @pytest.fixture
 def task():
-  return Task.from_config(lab_config.get_config('quick').lab.task)
+  return Task.from_config(lab_defaults.get_config('quick').lab.task)
 
 
 def test_gold_reward_is_a_hump_in_the_on_topic_fraction(task):

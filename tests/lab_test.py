@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from configs import lab as lab_config
+from isdaa_jax.lab import defaults as lab_defaults
 from isdaa_jax.lab import results as lab_results
 from isdaa_jax.lab import study
 from isdaa_jax.metrics_writer import read_metrics
 
 
 def test_lab_smoke_run_writes_results_report_and_plots(tmp_path):
-  cfg = lab_config.get_config('quick')
+  cfg = lab_defaults.get_config('quick')
   cfg.lab.methods = ('dpo',)
   cfg.lab.seeds = (0,)
   cfg.lab.sft.num_demos, cfg.lab.sft.steps = 256, 20

@@ -24,9 +24,9 @@ GPU = 'launch/gpu_single_host.sh'
 OVERRIDES = ['--config.data.length_buckets=(64, 128)', "--config.data.path=/data/it's here.jsonl",
              '--config.model.path=$HOME/not-expanded', '--config.loss.name=ipo']
 TPU_ENV = dict(TPU_NAME='my-tpu', ZONE='us-central2-b', PROJECT='my-project',
-               ACCELERATOR_TYPE='v4-32', CONFIG='configs/base.py', BUCKET='gs://my-bucket/runs')
+               ACCELERATOR_TYPE='v4-32', CONFIG='configs/tiny.py', BUCKET='gs://my-bucket/runs')
 SLURM_ENV = dict(SLURM_JOB_ID='4242', SLURM_JOB_NODELIST='gpu-[07-08]', SLURM_NNODES='2',
-                 CONFIG='configs/base.py', WORKDIR='/shared/my runs/hh')
+                 CONFIG='configs/tiny.py', WORKDIR='/shared/my runs/hh')
 
 _RECORDER = """#!/bin/sh
 exec {python} -c 'import json, os, sys
@@ -115,8 +115,8 @@ def test_tpu_train_runs_main_on_all_workers_with_overrides_intact(sh):
   result = sh.bash(remote)
   assert result.returncode == 0, result.stderr
   [call] = sh.wait_for_calls(1)
-  assert call['argv'] == ['-m', 'isdaa_jax.main', '--config=configs/base.py',
-                          '--workdir=gs://my-bucket/runs/base', *OVERRIDES]
+  assert call['argv'] == ['-m', 'isdaa_jax.main', '--config=configs/tiny.py',
+                          '--workdir=gs://my-bucket/runs/tiny', *OVERRIDES]
   assert call['cwd'] == str(sh.home / 'isdaa-jax')
   assert (sh.home / 'isdaa-train.pid').read_text().strip().isdigit()
   assert (sh.home / 'isdaa-train.log').exists()
@@ -143,7 +143,7 @@ def test_tpu_train_refuses_to_start_twice_and_stop_kills_the_run(sh):
 
 
 def test_tpu_train_workdir_and_environment(sh):
-  env = dict(TPU_ENV, BUCKET='my-bucket', RUN_NAME='dpo run 1', CONFIG='configs/base.py:quick',
+  env = dict(TPU_ENV, BUCKET='my-bucket', RUN_NAME='dpo run 1', CONFIG='configs/tiny.py:quick',
              TRAIN_ENV='XLA_FLAGS=--xla_dump_to=/tmp/x HF_HOME=/mnt/hf')
   [argv] = dry_run(sh, TPU, 'train', env=env)
   (sh.home / 'isdaa-jax').mkdir()
@@ -151,7 +151,7 @@ def test_tpu_train_workdir_and_environment(sh):
   assert sh.bash(remote_command(argv)).returncode == 0
   [call] = sh.wait_for_calls(1)
   # A bare bucket name gets gs://; a ':ARG' config suffix passes through to ml_collections.
-  assert call['argv'][2:] == ['--config=configs/base.py:quick', '--workdir=gs://my-bucket/dpo run 1']
+  assert call['argv'][2:] == ['--config=configs/tiny.py:quick', '--workdir=gs://my-bucket/dpo run 1']
   assert call['env']['XLA_FLAGS'] == '--xla_dump_to=/tmp/x'
   assert call['env']['HF_HOME'] == '/mnt/hf'
 
@@ -178,7 +178,7 @@ def test_tpu_setup_ships_this_checkout_and_installs_on_every_worker(sh):
   assert result.returncode == 0, result.stderr
   with tarfile.open(tarball) as archive:
     names = set(archive.getnames())
-  assert {'pyproject.toml', 'isdaa_jax/losses.py', 'launch/tpu_vm.sh', 'configs/base.py'} <= names
+  assert {'pyproject.toml', 'isdaa_jax/losses.py', 'launch/tpu_vm.sh', 'configs/tiny.py'} <= names
   assert not any(n.startswith('.git/') or '__pycache__' in n for n in names)
 
 
@@ -280,7 +280,7 @@ def test_slurm_one_process_per_node_with_distributed_settings(sh):
                          '--kill-on-bad-exit=1']
   assert argv[task + 3:task + 5] == ['isdaa-jax', 'python3']
   assert argv[task + 5:] == [
-      '-m', 'isdaa_jax.main', '--config=configs/base.py', '--workdir=/shared/my runs/hh',
+      '-m', 'isdaa_jax.main', '--config=configs/tiny.py', '--workdir=/shared/my runs/hh',
       '--config.distributed.initialize=on',
       '--config.distributed.coordinator_address=gpu-07:24242',
       '--config.distributed.num_processes=2', *OVERRIDES]
@@ -335,9 +335,9 @@ def test_slurm_missing_variables(sh, drop, message):
 
 
 def test_gpu_single_host(sh):
-  env = dict(CONFIG='configs/base.py', WORKDIR='runs/my run', GPUS='0,1,2,3')
+  env = dict(CONFIG='configs/tiny.py', WORKDIR='runs/my run', GPUS='0,1,2,3')
   [printed] = dry_run(sh, GPU, *OVERRIDES, env=env)
-  expected = ['-m', 'isdaa_jax.main', '--config=configs/base.py', '--workdir=runs/my run',
+  expected = ['-m', 'isdaa_jax.main', '--config=configs/tiny.py', '--workdir=runs/my run',
               '--config.distributed.initialize=off', *OVERRIDES]
   assert printed == ['env', 'CUDA_VISIBLE_DEVICES=0,1,2,3', 'python3', *expected]
   result = sh.run(GPU, *OVERRIDES, env=env)
@@ -352,7 +352,7 @@ def test_gpu_single_host(sh):
 
 @pytest.mark.parametrize('env, message', [
     ({}, 'set CONFIG, WORKDIR in the environment'),
-    (dict(CONFIG='configs/base.py'), 'set WORKDIR in the environment'),
+    (dict(CONFIG='configs/tiny.py'), 'set WORKDIR in the environment'),
     (dict(CONFIG='configs/missing.py', WORKDIR='runs/x'), 'is not a file'),
 ])
 def test_gpu_single_host_user_errors(sh, env, message):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax.model import attention
 from isdaa_jax.model import llama
 from isdaa_jax.model.llama import Llama, LlamaConfig
@@ -236,7 +236,7 @@ def test_kv_cache_decoding_matches_full_forward(scan):
 
 
 def test_from_model_config_reads_every_architecture_field():
-  mc = base.model_config()
+  mc = defaults.model_config()
   mc.rope_scaling.rope_type = 'llama3'
   mc.remat, mc.scan_layers, mc.attention = 'dots', True, 'blocked'
   cfg = LlamaConfig.from_model_config(mc)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import losses
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +69,7 @@ def reference_loss(name, arrs, cfg):
 
 
 def loss_config(name, **kw):
-  cfg = base.loss_config()
+  cfg = defaults.loss_config()
   cfg.name = name
   for k, v in kw.items():
     if k in ('importance', 'eps'):

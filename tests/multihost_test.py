@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from configs import base, tiny
+from configs import tiny
+from isdaa_jax import defaults
 from isdaa_jax import distributed, train
 from isdaa_jax.metrics_writer import read_metrics
 
@@ -20,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _dist(**kw):
-  d = base.distributed_config()
+  d = defaults.distributed_config()
   for k, v in kw.items():
     d[k] = v
   return d

@@ -9,13 +9,13 @@ import optax
 import pytest
 from flax import nnx
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax.model.llama import Llama, LlamaConfig
 from isdaa_jax.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 
 
 def _opt(**kw):
-  o = base.optimizer_config()
+  o = defaults.optimizer_config()
   for k, v in kw.items():
     o[k] = v
   return o
@@ -43,7 +43,7 @@ def test_schedule_without_warmup_starts_at_peak_and_short_runs_still_train():
 
 
 def _llama_params(scan_layers):
-  cfg = LlamaConfig.from_model_config(base.model_config())
+  cfg = LlamaConfig.from_model_config(defaults.model_config())
   cfg = dataclasses.replace(cfg, scan_layers=scan_layers)
   return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))))
 
@@ -81,7 +81,7 @@ def test_global_norm_clipping_scales_gradients_before_adam():
   tx = make_optimizer(_opt(grad_clip_norm=1.0, warmup_steps=0), num_steps=10)
   _, state = tx.update(grads, tx.init(params), params)
   mu = optax.tree_utils.tree_get(state, 'mu')
-  b1 = base.optimizer_config().b1
+  b1 = defaults.optimizer_config().b1
   # Adam's first moment after one step is (1 - b1) * the clipped gradient (norm 1).
   for k in grads:
     np.testing.assert_allclose(mu[k], (1 - b1) * grads[k] / 10.0, rtol=1e-6)

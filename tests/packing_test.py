@@ -7,7 +7,7 @@ import pytest
 
 import prefix_test
 import train_test
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import config as config_lib
 from isdaa_jax import train
 from isdaa_jax.data import collate, packing, pipeline, prefix
@@ -160,7 +160,7 @@ def test_train_step_packed_on_eight_devices_matches_padded_on_one(shared):
 
 def test_pipeline_packs_the_global_batch_and_splits_it_over_processes():
   store = pipeline.PairStore(prefix_test._pairs(32, seed=6))
-  data = base.data_config()
+  data = defaults.data_config()
   data.batch_size, data.length_buckets, data.packing = 8, (8, 16), True
   assert pipeline.pack_length(data) == 16
   data.prefix_sharing = True
@@ -181,7 +181,7 @@ def test_pipeline_packs_the_global_batch_and_splits_it_over_processes():
 
 
 def test_config_rejects_a_pack_length_shorter_than_a_unit():
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   cfg.data.packing, cfg.data.pack_length = True, 300
   cfg.data.prefix_sharing = True
   with pytest.raises(config_lib.ConfigError, match='pack_length \\(300\\) must hold the longest'):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import config as config_lib
 from isdaa_jax import policy, sharding, train
 from isdaa_jax.data import collate, pipeline, prefix
@@ -97,7 +97,7 @@ def test_logps_and_gradients_equal_the_two_row_layout(attention, chunk):
 
 
 def _config(**kw):
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   m = cfg.model
   m.vocab_size, m.hidden_size, m.intermediate_size = VOCAB, 32, 64
   m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 2, 4, 2, 8
@@ -108,7 +108,7 @@ def _config(**kw):
 
 
 def _train(cfg, batch, steps=2):
-  mesh = sharding.make_mesh(base.mesh_config(), devices=jax.devices()[:1])
+  mesh = sharding.make_mesh(defaults.mesh_config(), devices=jax.devices()[:1])
   _, graphdef, ps, params = policy.build_policy(cfg.model, mesh, cfg.seed)
   reference = policy.build_reference(cfg, mesh, params, ps)
   tx = make_optimizer(cfg.optimizer, cfg.train.num_steps)
@@ -155,7 +155,7 @@ def _pairs_of(batch):
 
 def test_pipeline_emits_shared_rows_of_one_global_length_per_batch():
   store = pipeline.PairStore(_pairs(32, seed=2))
-  data = base.data_config()
+  data = defaults.data_config()
   data.batch_size, data.length_buckets = 8, (8, 16)
   plain = list(pipeline.train_iterator(store, data))
   data.prefix_sharing = True

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base, tiny
+from configs import tiny
 from isdaa_jax import config as config_lib
+from isdaa_jax import defaults
 from isdaa_jax import reference_cache, score, train
+from isdaa_jax.errors import UserError
 from isdaa_jax.metrics_writer import read_metrics
 from isdaa_jax.model import hf
 from isdaa_jax.model.llama import Llama, LlamaConfig
@@ -29,7 +31,7 @@ def _pairs(n=6, seed=0):
 
 
 def _key(pairs=None, tokenizer='', reference='', seed=0, **overrides):
-  config = base.get_config()
+  config = defaults.get_config()
   config.update_from_flattened_dict(overrides)
   return reference_cache.fingerprint(pairs or _pairs(), tokenizer=tokenizer,
                                      data_config=config.data, reference=reference,
@@ -102,7 +104,7 @@ def test_roundtrip_is_exact_and_stale_or_broken_files_are_refused(tmp_path, monk
     reference_cache.load(path, _key(**{'data.max_length': 256}))
   message = str(e.value)
   assert '\n' not in message and 'delete it' in message and 'reference_cache' in message
-  assert isinstance(e.value, config_lib.USER_ERRORS)  # entry points print it as one line
+  assert isinstance(e.value, UserError)  # entry points print it as one line
   with pytest.raises(reference_cache.StaleReferenceCacheError,
                      match=r'other tokenized pairs .*; reference weights'):
     reference_cache.load(path, _key(_pairs(7), seed=3))

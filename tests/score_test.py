@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import reference_cache, score, sharding
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.data import prefix, sources
@@ -27,7 +27,7 @@ POLICY, REFERENCE = str(FIXTURES / 'llama_gqa'), str(FIXTURES / 'llama_sharded')
 
 
 def _config():
-  config = base.get_config()
+  config = defaults.get_config()
   config.data.length_buckets = (16, 32)
   config.data.max_length = 32
   config.data.max_prompt_length = 16
@@ -92,7 +92,7 @@ def test_scores_equal_a_direct_unbatched_computation(tmp_path, monkeypatch):
   lengths = [len(r['prompt_ids']) + max(len(r['chosen_ids']), len(r['rejected_ids']))
              for r in rows]
   assert min(lengths) <= 16 < max(lengths) and len(traces) == 4
-  mesh = sharding.make_mesh(base.get_config().mesh, jax.devices()[:1])
+  mesh = sharding.make_mesh(defaults.get_config().mesh, jax.devices()[:1])
   policy = hf.load_model(POLICY, _config().model, mesh)
   reference = hf.load_model(REFERENCE, _config().model, mesh)
   for i, (row, got) in enumerate(zip(rows, out)):
@@ -154,7 +154,7 @@ def test_text_rows_are_tokenized_like_training(tmp_path):
   out, summary = _run(tmp_path, rows, model=str(model_dir), tokenizer=tok_dir, batch_size=2)
   assert summary['dropped'] == {'identical_responses': 1} and len(out) == 2
   expected = PairTokenizer(_config().data, tok_dir)([sources.parse_pairs(r) for r in rows[:2]])
-  mesh = sharding.make_mesh(base.get_config().mesh, jax.devices()[:1])
+  mesh = sharding.make_mesh(defaults.get_config().mesh, jax.devices()[:1])
   model = hf.load_model(str(model_dir), _config().model, mesh)
   for got, pair in zip(out, expected):
     assert got['prompt_ids'][0] == 1 and got['chosen_ids'][-1] == 2  # BOS ... EOS
@@ -191,7 +191,7 @@ def test_command_line(tmp_path):
     assert a['margin'] == 0.0
     assert a['policy_chosen_logps'] == pytest.approx(b['policy_chosen_logps'], abs=1e-4)
   # --cache_out: the --reference log-probs under the key training computes for these pairs.
-  config = base.get_config()
+  config = defaults.get_config()
   config.data.max_length = 32
   key = reference_cache.fingerprint(
       [{k: r[k] for k in sources.ID_COLUMNS} for r in got], tokenizer=POLICY,
@@ -203,7 +203,7 @@ def test_command_line(tmp_path):
 
 def test_prefix_shared_scoring_equals_padded_scoring():
   pairs = _id_rows(n=7, seed=3)
-  mesh = sharding.make_mesh(base.get_config().mesh, jax.devices()[:2])
+  mesh = sharding.make_mesh(defaults.get_config().mesh, jax.devices()[:2])
   kwargs = dict(batch_size=4, length_buckets=(16, 32), chunk_size=8, progress=False)
   model = hf.load_model(POLICY, _config().model, mesh)
   padded = score.score_pairs(model, pairs, mesh, **kwargs)

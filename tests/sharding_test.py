@@ -7,14 +7,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import sharding
 from isdaa_jax.model import logprobs
 from isdaa_jax.model.llama import Llama, LlamaConfig
 
 
 def _mesh_cfg(data, fsdp, tensor):
-  m = base.mesh_config()
+  m = defaults.mesh_config()
   m.data, m.fsdp, m.tensor = data, fsdp, tensor
   return m
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base
+from isdaa_jax import defaults
 from isdaa_jax import config as config_lib
 from isdaa_jax import losses, policy, sharding, throughput, train
 from isdaa_jax.data import collate
@@ -30,7 +30,7 @@ def _pairs(n, seed=0):
 
 
 def _config(**kw):
-  cfg = base.get_config()
+  cfg = defaults.get_config()
   m = cfg.model
   m.vocab_size, m.hidden_size, m.intermediate_size = VOCAB, 32, 64
   m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim = 2, 4, 2, 8
@@ -72,7 +72,7 @@ class Harness:
 
 
 def _mesh(shape):
-  m = base.mesh_config()
+  m = defaults.mesh_config()
   m.data, m.fsdp, m.tensor = shape
   devices = jax.devices()[:int(np.prod(shape))]
   return sharding.make_mesh(m, devices=devices)

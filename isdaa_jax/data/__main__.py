@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from isdaa_jax import config as config_lib
 from isdaa_jax.data import collate, pipeline, sources, tokenize
+from isdaa_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _DUMP = flags.DEFINE_string('dump', None, 'Output .jsonl of parsed, tokenized pairs.')
@@ -73,7 +74,7 @@ def main(argv):
   try:
     config_lib.validate_data(config.data)
     summary = dump(config, _DUMP.value, limit)
-  except (sources.DataSourceError, tokenize.TokenizerError, config_lib.ConfigError) as e:
+  except UserError as e:
     sys.exit(f'error: {e}')
   print(f"kept {summary['kept']} of {summary['rows']} rows; dropped {summary['dropped']}; "
         f"wrote {_DUMP.value}")

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from isdaa_jax.data import collate
+from isdaa_jax.errors import UserError
 
 HUMAN, ASSISTANT = '\n\nHuman:', '\n\nAssistant:'
 _TURN_RE = re.compile(r'(\n\nHuman:|\n\nAssistant:)')
@@ -49,7 +50,7 @@ LOGP_ALIASES = {
 SYNTHETIC_BOS, SYNTHETIC_EOS, SYNTHETIC_FIRST_TOKEN = 1, 2, 3
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
   """Data that cannot be read as configured; the message says what to change."""
 
 

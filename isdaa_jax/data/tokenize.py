@@ -27,11 +27,12 @@ import jinja2
 import ml_collections
 
 from isdaa_jax.data.sources import IdPair, TextPair
+from isdaa_jax.errors import UserError
 
 PLAIN_ROLES = {'user': 'Human', 'assistant': 'Assistant', 'system': 'System'}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
   """A tokenizer that cannot be loaded or used as configured; the message says what to change."""
 
 

@@ -6,6 +6,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from isdaa_jax import config as config_lib
+from isdaa_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Lab config (configs/lab.py).',
                                           lock_config=True)
@@ -24,7 +25,7 @@ def main(argv):
   try:
     config_lib.validate(config)
     results = study.run_study(config, _WORKDIR.value)
-  except config_lib.USER_ERRORS as e:
+  except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   logging.info('lab finished in %.0f s', results['meta']['seconds'])

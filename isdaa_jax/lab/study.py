@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from isdaa_jax import evaluate, sample, train
+from isdaa_jax.errors import UserError
 from isdaa_jax.lab import preferences, reference as reference_lib, report
 from isdaa_jax.lab.task import EOS, Task
 from isdaa_jax.model import hf
@@ -65,7 +66,7 @@ def run_study(config, workdir) -> dict:
   lab = config.lab
   task = Task.from_config(lab.task)
   if config.model.vocab_size != task.vocab_size:
-    raise ValueError(f'config.model.vocab_size ({config.model.vocab_size}) must equal the '
+    raise UserError(f'config.model.vocab_size ({config.model.vocab_size}) must equal the '
                      f"task's vocabulary ({task.vocab_size}); set --config.model.vocab_size")
   started = time.time()
 

@@ -18,6 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from isdaa_jax.errors import UserError
+
 # Masked scores: finite, so no inf - inf NaN appears in the max-subtracted softmax.
 _MASKED = -1e30
 _KEY_BLOCK = 128
@@ -132,10 +134,10 @@ def _blocked(q, k, v, mask, block=_KEY_BLOCK):
 
 def _cudnn(q, k, v, mask):
   if jax.default_backend() != 'gpu':
-    raise ValueError("config.model.attention='cudnn' needs a GPU; use 'xla' or 'blocked' on "
+    raise UserError("config.model.attention='cudnn' needs a GPU; use 'xla' or 'blocked' on "
                      f'{jax.default_backend()}')
   if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError("config.model.attention='cudnn' needs config.model.dtype='bfloat16' (cuDNN "
+    raise UserError("config.model.attention='cudnn' needs config.model.dtype='bfloat16' (cuDNN "
                      f"flash attention has no {q.dtype} kernel); use 'xla' or 'blocked' otherwise")
   # JAX turns the boolean mask into a finite large-negative bias: padding rows stay finite
   # (a uniform average there instead of zeros; their outputs are never used).
@@ -149,5 +151,5 @@ def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, implementation: str):
     return _blocked(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
   if implementation == 'cudnn':
     return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  raise ValueError(f"config.model.attention={implementation!r} is not one of 'xla', 'blocked', "
+  raise UserError(f"config.model.attention={implementation!r} is not one of 'xla', 'blocked', "
                    "'cudnn'")

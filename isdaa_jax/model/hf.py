@@ -25,9 +25,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from isdaa_jax import sharding
+from isdaa_jax.errors import UserError
 from isdaa_jax.model import hf_config
 from isdaa_jax.model import safetensors_io
-from isdaa_jax.model.hf_config import CheckpointError
+from isdaa_jax.model.hf_config import ModelFileError
 from isdaa_jax.model.llama import Llama, LlamaConfig
 
 SINGLE_FILE = 'model.safetensors'
@@ -135,7 +136,7 @@ def _variable(model: nnx.Module, path: tuple[str, ...]) -> nnx.Variable:
 # ---------------------------------------------------------------------------------------------
 # Where the files are.
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(UserError, FileNotFoundError):
   """A local folder or hub id that does not lead to a usable checkpoint."""
 
 
@@ -173,7 +174,7 @@ def read_config(folder: pathlib.Path) -> dict:
     try:
       return json.load(f)
     except json.JSONDecodeError as e:
-      raise CheckpointError(f'{path} is not valid JSON ({e}); fix or re-download it') from None
+      raise ModelFileError(f'{path} is not valid JSON ({e}); fix or re-download it') from None
 
 
 def load_config(path_or_hub_id: str, model_config=None) -> LlamaConfig:
@@ -215,12 +216,12 @@ class _Tensors:
 
   def check(self, name: str, expected_shape: tuple):
     if name not in self.file_of:
-      raise CheckpointError(f'checkpoint {self.folder} has no tensor {name!r}, which its '
+      raise ModelFileError(f'checkpoint {self.folder} has no tensor {name!r}, which its '
                             'config.json architecture needs; the download is incomplete or it is '
                             'not a Llama checkpoint')
     shape = self.reader(name).shape(name)
     if shape != tuple(expected_shape):
-      raise CheckpointError(f'tensor {name!r} in {self.folder} has shape {shape} but '
+      raise ModelFileError(f'tensor {name!r} in {self.folder} has shape {shape} but '
                             f'config.json implies {tuple(expected_shape)}; the weights and '
                             'config.json disagree')
 
@@ -263,7 +264,7 @@ def _load(folder: pathlib.Path, cfg: LlamaConfig, mesh: Mesh, extra: tuple[str, 
   unknown = sorted(n for n in tensors.file_of
                    if n not in known and not n.endswith(_IGNORED_SUFFIXES))
   if unknown:
-    raise CheckpointError(f'checkpoint {folder} has tensors a Llama model does not use (e.g. '
+    raise ModelFileError(f'checkpoint {folder} has tensors a Llama model does not use (e.g. '
                           f'{unknown[0]!r}); it is a different architecture')
   for p in params:
     var = _variable(model, p.path)
@@ -306,11 +307,11 @@ def load_reward_head(path_or_hub_id: str, mesh: Mesh, model_config=None) -> jax.
 
 def _load_head(tensors: _Tensors, cfg: LlamaConfig, mesh: Mesh) -> jax.Array:
   if SCORE_TENSOR not in tensors.file_of:
-    raise CheckpointError(f'checkpoint {tensors.folder} has no {SCORE_TENSOR!r}; a reward model '
+    raise ModelFileError(f'checkpoint {tensors.folder} has no {SCORE_TENSOR!r}; a reward model '
                           'must be a LlamaForSequenceClassification checkpoint')
   w = tensors.array(SCORE_TENSOR)
   if w.ndim != 2 or w.shape[1] != cfg.hidden_size:
-    raise CheckpointError(f'tensor {SCORE_TENSOR!r} in {tensors.folder} has shape {w.shape} but '
+    raise ModelFileError(f'tensor {SCORE_TENSOR!r} in {tensors.folder} has shape {w.shape} but '
                           f'config.json implies (num_labels, {cfg.hidden_size}); the weights and '
                           'config.json disagree')
   head = np.asarray(w).T.astype(jnp.dtype(cfg.param_dtype))

@@ -7,10 +7,11 @@ transformers 5 writes `rope_parameters` = {rope_type, rope_theta, scaling fields
 
 from typing import Any, Optional
 
+from isdaa_jax.errors import UserError
 from isdaa_jax.model.llama import LlamaConfig, execution_policy
 
 
-class CheckpointError(ValueError):
+class ModelFileError(UserError):
   """A checkpoint whose config.json or tensors do not describe a supported Llama model."""
 
 
@@ -38,11 +39,11 @@ def _rope(hf: dict, where: str) -> tuple[float, Optional[dict]]:
   if rope_type == 'default':
     return theta, None
   if rope_type != 'llama3':
-    raise CheckpointError(f"{where} uses rope_type {rope_type!r}, which isdaa_jax does not "
+    raise ModelFileError(f"{where} uses rope_type {rope_type!r}, which isdaa_jax does not "
                           "implement; only 'default' and 'llama3' Llama checkpoints are supported")
   missing = [k for k in _LLAMA3_FIELDS if k not in params]
   if missing:
-    raise CheckpointError(f'{where} has llama3 rope scaling without {missing[0]!r}; the '
+    raise ModelFileError(f'{where} has llama3 rope scaling without {missing[0]!r}; the '
                           'config.json is incomplete')
   scaling = dict(rope_type='llama3', factor=float(params['factor']),
                  low_freq_factor=float(params['low_freq_factor']),
@@ -59,15 +60,15 @@ def from_hf_dict(hf: dict, model_config=None, where: str = 'config.json') -> Lla
   bfloat16, anything else becomes float32).
   """
   if hf.get('model_type') != 'llama':
-    raise CheckpointError(f"{where} has model_type {hf.get('model_type')!r}, not 'llama'; "
+    raise ModelFileError(f"{where} has model_type {hf.get('model_type')!r}, not 'llama'; "
                           'isdaa_jax reads Llama-family checkpoints only')
   missing = [k for k in _REQUIRED if k not in hf]
   if missing:
-    raise CheckpointError(f'{where} has no {missing[0]!r}; the config.json is incomplete')
+    raise ModelFileError(f'{where} has no {missing[0]!r}; the config.json is incomplete')
   get = lambda key: hf[key] if hf.get(key) is not None else _HF_DEFAULTS[key]
   for key, supported in (('hidden_act', 'silu'), ('attention_bias', False), ('mlp_bias', False)):
     if get(key) != supported:
-      raise CheckpointError(f'{where} sets {key}={get(key)!r}, which isdaa_jax does not '
+      raise ModelFileError(f'{where} sets {key}={get(key)!r}, which isdaa_jax does not '
                             f'implement (Llama uses {supported!r})')
   theta, scaling = _rope(hf, where)
   heads = int(hf['num_attention_heads'])

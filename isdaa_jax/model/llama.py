@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from isdaa_jax.errors import UserError
 from isdaa_jax.model import attention as attention_lib
 
 Array = jax.Array
@@ -101,7 +102,7 @@ class LlamaConfig:
   @classmethod
   def preset(cls, name: str, **overrides) -> 'LlamaConfig':
     if name not in cls.PRESETS:
-      raise ValueError(f'unknown model preset {name!r}; choose one of {", ".join(cls.PRESETS)}')
+      raise UserError(f'unknown model preset {name!r}; choose one of {", ".join(cls.PRESETS)}')
     return cls(**{**cls.PRESETS[name], **overrides})
 
   @classmethod
@@ -172,7 +173,7 @@ def rope_inv_freq(cfg: LlamaConfig) -> Array:
   if not rs or rs.get('rope_type', 'default') in ('default', ''):
     return inv_freq
   if rs['rope_type'] != 'llama3':
-    raise ValueError(f"rope_type {rs['rope_type']!r} is not supported; use 'llama3' or 'default'")
+    raise UserError(f"rope_type {rs['rope_type']!r} is not supported; use 'llama3' or 'default'")
   factor, low, high = rs['factor'], rs['low_freq_factor'], rs['high_freq_factor']
   old_len = rs['original_max_position_embeddings']
   wavelen = 2 * math.pi / inv_freq

@@ -17,6 +17,8 @@ from typing import Callable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from isdaa_jax.errors import UserError
+
 DTYPES = {
     'F64': np.dtype('<f8'), 'F32': np.dtype('<f4'), 'F16': np.dtype('<f2'),
     'BF16': np.dtype(ml_dtypes.bfloat16),
@@ -28,7 +30,7 @@ _NAMES = {dt: name for name, dt in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
   """A file that is not a readable safetensors file."""
 
 

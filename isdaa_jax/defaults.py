@@ -1,9 +1,19 @@
 """Shared defaults for every isdaa-jax experiment.
 
-Not run by itself: the experiment files (`hh.py`, `tldr.py`, `ultrafeedback.py`, `tiny.py`,
-`lab.py`) start from `get_config()` here and change what differs. Every key the library reads is
-defined here, once, with its default and a comment; library code never supplies a default of its
-own (`cfg.get(key, default)` is not used), so this file is the documentation of the keys.
+Experiment files (`configs/hh.py`, `configs/tiny.py`, ... or a file of your own anywhere) start
+from `get_config()` here and change what differs:
+
+  from isdaa_jax import defaults
+
+  def get_config():
+    config = defaults.get_config()
+    config.loss.name = 'ipo'
+    return config
+
+Every key the library reads is defined here, once, with its default and a comment; library code
+never supplies a default of its own (`cfg.get(key, default)` is not used), so this file is the
+documentation of the keys. `--config=` also takes this file itself (the entry points that need a
+config default to it).
 """
 
 import ml_collections
