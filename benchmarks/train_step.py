@@ -32,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from isdaa_jax import config as config_lib
-from isdaa_jax import defaults
-from isdaa_jax import policy, sharding, throughput, train
-from isdaa_jax.data import collate, packing, pipeline, prefix
+from isdaa_jax import defaults, policy, scoring, sharding, throughput, train
+from isdaa_jax import layout as layout_lib
+from isdaa_jax import reference as reference_lib
+from isdaa_jax.data import collate, pipeline, prefix
 from isdaa_jax.model.llama import LlamaConfig
-from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 
 # name -> config overrides on top of the baseline (frozen reference model in the step, chunked
 # log-probs, no remat, float32 everywhere).
@@ -197,64 +199,31 @@ def device_peak_bytes():
   return None if not stats else stats.get('peak_bytes_in_use')
 
 
-def batch_layout(config, batch_pairs, seq_len: int, row_multiple: int,
-                 buckets: tuple[int, ...] = ()) -> dict:
-  """One shape for every batch of the run (one compiled step): the padded length of unshared
-  rows, of shared rows, or the packed row length and rows per micro-batch. With `buckets` (real
-  data), shared rows take the shared bucket of the longest pair, as the pipeline pads them."""
-  pairs = [p for chunk in batch_pairs for p in chunk]
-  longest_shared = max(map(prefix.shared_length, pairs))
-  if buckets:
-    shared_len = collate.bucket_for(longest_shared, prefix.shared_buckets(buckets))
-  else:
-    # Shared rows are padded as much as the unshared ones are (none at the default --seq_len).
-    shared_len = longest_shared + seq_len - max(collate.pair_length(p) for p in pairs)
-  layout = dict(seq_len=seq_len, shared_len=shared_len, packed_rows=0)
-  if config.data.packing:
-    layout['pack_length'] = config.data.pack_length or (
-        shared_len if config.data.prefix_sharing else seq_len)
-    n = config.optimizer.grad_accum_steps
-    layout['packed_rows'] = max(
-        packing.rows_needed(chunk[i::n], layout['pack_length'], config.data.prefix_sharing)
-        for chunk in batch_pairs for i in range(n))
-    layout['packed_rows'] = -(-layout['packed_rows'] // row_multiple) * row_multiple
-  return layout
-
-
-def local_batch(config, pairs, layout: dict) -> dict:
-  """One local batch in the layout the config trains on (what the pipeline emits)."""
-  if config.data.packing:
-    return packing.collate_packed(pairs, layout['pack_length'], shared=config.data.prefix_sharing,
-                                  micro_batches=config.optimizer.grad_accum_steps,
-                                  min_rows=layout['packed_rows'])
-  if config.data.prefix_sharing:
-    return prefix.collate_shared(pairs, layout['shared_len'])
-  return collate.collate_pairs(pairs, layout['seq_len'])
-
-
-def processed_tokens(batch: dict) -> int:
-  """Real (non-padding) tokens the model runs on for this batch."""
-  return int(sum(np.sum(v > 0) for k, v in batch.items() if k.endswith('segment_ids')))
-
-
 def pair_tokens(pair) -> int:
   """Tokens of a pair as TRL counts them: prompt+chosen plus prompt+rejected."""
   return 2 * len(pair['prompt_ids']) + len(pair['chosen_ids']) + len(pair['rejected_ids'])
 
 
-def _with_reference_logps(config, graphdef, params, pairs, seq_len, mesh):
-  """Copies of `pairs` with the starting policy's log-probs as `reference_*_logps` columns."""
-  b = config.data.batch_size
-  logps = jax.jit(lambda p, batch: train.sequence_logps(graphdef, p, batch,
-                                                        config.model.logprob_chunk_size)[:2])
-  out = []
-  for i in range(0, len(pairs), b):
-    chunk = pairs[i:i + b]
-    batch = sharding.global_batch(collate.collate_pairs(chunk, seq_len), mesh)
-    lp_w, lp_l = jax.device_get(logps(params, batch))
-    out += [dict(p, reference_chosen_logps=float(w), reference_rejected_logps=float(l))
-            for p, w, l in zip(chunk, lp_w, lp_l)]
-  return out
+def fixed_shapes(config, pairs, seq_len: int, real_buckets: tuple[int, ...] = ()):
+  """Sets `config.data` so every batch of the run has one shape (one compiled step), as the
+  pipeline would lay it out; returns the collate arguments that fix it.
+
+  Synthetic pairs (no `real_buckets`): unshared rows of `seq_len`, shared rows padded as much as
+  the unshared ones (none at the default --seq_len), packed rows of either length. Real pairs:
+  their buckets, every batch padded to the bucket of the longest pair of the run."""
+  data = config.data
+  if not real_buckets:
+    shared_len = (max(map(prefix.shared_length, pairs)) + seq_len
+                  - max(map(collate.pair_length, pairs)))
+    data.length_buckets = (seq_len, shared_len)
+    if data.packing and not data.pack_length:
+      data.pack_length = shared_len if data.prefix_sharing else seq_len
+  layout = layout_lib.from_config(data)
+  n = config.optimizer.grad_accum_steps
+  batch_pairs = [pairs[i:i + data.batch_size] for i in range(0, len(pairs), data.batch_size)]
+  min_rows = max(layout.num_rows(chunk[i::n]) for chunk in batch_pairs for i in range(n))
+  return layout, dict(micro_batches=n, min_rows=min_rows,
+                      min_length=max(map(layout.group, pairs)))
 
 
 def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matmul_size: int = 0,
@@ -265,35 +234,30 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   b = config.data.batch_size
   if len(pairs) % b:
     raise ValueError(f'{len(pairs)} pairs do not split into batches of {b}')
-  model_cfg, graphdef, params_sharding, params = policy.build_policy(config.model, mesh,
-                                                                    config.seed)
+  layout, shape_args = fixed_shapes(config, pairs, seq_len, buckets)
+  run_setup = train.setup(config, mesh)
+  assert run_setup.step.layout == layout
+  model_cfg = run_setup.model_cfg
+  params = policy.load_params(config.model, mesh, config.seed, run_setup.params_sharding)
   reference_seconds = None
   if config.train.reference == 'precomputed':
-    # The reference is the starting policy: its log-probs are computed once, before training.
+    # The reference is the starting policy: its log-probs are computed once, before training,
+    # as the cached-reference pre-pass computes them.
     start = time.perf_counter()
-    pairs = _with_reference_logps(config, graphdef, params, pairs, seq_len, mesh)
+    scores = scoring.score_pairs(nnx.merge(run_setup.graphdef, params), pairs, mesh,
+                                 layout=layout, batch_size=b,
+                                 chunk_size=config.model.logprob_chunk_size, progress=False)
+    pairs = [dict(p, reference_chosen_logps=float(w), reference_rejected_logps=float(l))
+             for p, w, l in zip(pairs, scores.chosen_logps, scores.rejected_logps)]
     reference_seconds = time.perf_counter() - start
   batch_pairs = [pairs[i:i + b] for i in range(0, len(pairs), b)]
-  reference = policy.build_reference(config, mesh, params, params_sharding)
-  tx = make_optimizer(config.optimizer, config.train.num_steps)
-  schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
-  abstract = jax.eval_shape(
-      lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-      params)
-  state_sharding = train.state_shardings(tx, abstract, params_sharding, mesh)
-  state = train.init_state(params, tx, state_sharding)
+  reference = reference_lib.build(config, mesh, params, run_setup.params_sharding)
+  state = run_setup.init_state(params)
   del params
-  step_cfg = train.StepConfig(loss=config.loss, reference=config.train.reference,
-                              logprob_chunk_size=config.model.logprob_chunk_size,
-                              grad_accum_steps=config.optimizer.grad_accum_steps)
-  layout = batch_layout(config, batch_pairs, seq_len,
-                        mesh.shape['data'] * mesh.shape['fsdp'], buckets)
-  first = local_batch(config, batch_pairs[0], layout)
-  compiled = train.compile_steps(graphdef, tx, schedule, step_cfg, state_sharding,
-                                 params_sharding if reference else {}, tuple(first), mesh)
+  first = layout.collate(batch_pairs[0], **shape_args)
   start = time.perf_counter()
-  step_fn = compiled.train_step.lower(state, reference,
-                                      sharding.global_batch(first, mesh)).compile()
+  step_fn = run_setup.train_step.lower(state, reference,
+                                       sharding.global_batch(first, mesh)).compile()
   compile_seconds = time.perf_counter() - start
   memory = step_fn.memory_analysis()
   cost = step_fn.cost_analysis()
@@ -306,15 +270,13 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   for i in range(warmup + steps):
     chunk = batch_pairs[i % len(batch_pairs)]
     start = time.perf_counter()
-    batch = local_batch(config, chunk, layout)
+    batch = layout.collate(chunk, **shape_args)
     state, metrics = step_fn(state, reference, sharding.global_batch(batch, mesh))
     losses.append(float(metrics['loss']))  # waits for the step
     times.append(time.perf_counter() - start)
-    tokens.append((sum(pair_tokens(p) for p in chunk), processed_tokens(batch)))
+    tokens.append((sum(pair_tokens(p) for p in chunk), int(layout.real_tokens(batch))))
   peak_after = measure_peak_flops(compute_dtype, peak_n)
-  first_ids = first[next(k for k in first if k.endswith('input_ids'))]
-  rows_per_forward = first_ids.size * (1 if config.data.prefix_sharing or config.data.packing
-                                       else 2)
+  rows_per_forward = layout.row_tokens(first)
   ceiling = gemm_ceiling_flops(
       model_cfg, rows_per_forward // (config.optimizer.grad_accum_steps * jax.device_count()),
       config.train.reference == 'model', compute_dtype)
@@ -333,8 +295,9 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
       params=model_cfg.num_params(),
       matmul_params=n_mm,
       batch_pairs=b,
-      seq_len=int(first[next(k for k in first if k.endswith('input_ids'))].shape[1]),
-      batch_rows=int(first[next(k for k in first if k.endswith('input_ids'))].shape[0]),
+      layout=type(layout).__name__,
+      # The model's positions per step, padding included (rows x row length).
+      batch_row_tokens=int(layout.row_tokens(first)),
       steps=steps,
       pairs_per_s=b * steps / total_s,
       tokens_per_s=float(trl_tokens) / total_s,

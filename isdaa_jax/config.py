@@ -8,10 +8,14 @@ combinations.
 
 import ml_collections
 
+from isdaa_jax import reference
+from isdaa_jax.data.sources import PARSERS
 from isdaa_jax.errors import UserError
 from isdaa_jax.losses import LOSS_NAMES, REFERENCE_FREE
-DATA_SOURCES = ('hh', 'tldr', 'ultrafeedback', 'pairs', 'synthetic')
-DTYPES = ('float32', 'bfloat16')
+from isdaa_jax.model.attention import IMPLEMENTATIONS
+from isdaa_jax.model.llama import DTYPES, REMAT_CHOICES
+
+DATA_SOURCES = tuple(PARSERS)
 
 
 class ConfigError(UserError):
@@ -64,8 +68,8 @@ def validate_loss(loss: ml_collections.ConfigDict):
 def validate_model(model: ml_collections.ConfigDict):
   _choice(model.param_dtype, DTYPES, 'config.model.param_dtype')
   _choice(model.dtype, DTYPES, 'config.model.dtype')
-  _choice(model.remat, ('none', 'full', 'dots'), 'config.model.remat')
-  _choice(model.attention, ('xla', 'blocked', 'cudnn'), 'config.model.attention')
+  _choice(model.remat, REMAT_CHOICES, 'config.model.remat')
+  _choice(model.attention, IMPLEMENTATIONS, 'config.model.attention')
   _require(model.logprob_chunk_size >= 0,
            f'config.model.logprob_chunk_size must be >= 0 (0 = no chunking), '
            f'got {model.logprob_chunk_size}')
@@ -134,7 +138,7 @@ def validate_mesh(mesh: ml_collections.ConfigDict):
 
 
 def validate_reference(train: ml_collections.ConfigDict, loss: ml_collections.ConfigDict):
-  _choice(train.reference, ('model', 'precomputed', 'cached', 'none'), 'config.train.reference')
+  _choice(train.reference, reference.MODES, 'config.train.reference')
   _require(not train.reference_cache or train.reference == 'cached',
            f"config.train.reference_cache applies to config.train.reference='cached' only; set "
            f"it or clear reference_cache (reference={train.reference!r})")

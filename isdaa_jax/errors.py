@@ -11,3 +11,7 @@ It derives from ValueError so that callers who caught ValueError before keep wor
 
 class UserError(ValueError):
   """A problem the user can fix; the message says how."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or folder the user named does not exist."""

@@ -17,8 +17,8 @@ from flax import nnx
 
 from isdaa_jax import sample
 from isdaa_jax.data import collate
-from isdaa_jax.errors import UserError
-from isdaa_jax.model import logprobs
+from isdaa_jax.errors import MissingFileError, UserError
+from isdaa_jax.model import pair_logps
 
 GoldFn = Callable[[Sequence[Sequence[int]], np.ndarray, np.ndarray], np.ndarray]
 
@@ -31,11 +31,7 @@ def mean_and_stderr(x) -> tuple[float, float]:
 
 @jax.jit
 def _response_logps(graphdef, state, batch):
-  model = nnx.merge(graphdef, state)
-  hidden = model(batch['chosen_input_ids'], batch['chosen_positions'], batch['chosen_segment_ids'])
-  s, _ = logprobs.sequence_logps(hidden, model.unembedding(), batch['chosen_targets'],
-                                 batch['chosen_loss_mask'], 0)
-  return s
+  return pair_logps.side(nnx.merge(graphdef, state), batch, 'chosen', 0)[0]
 
 
 def response_logps(model: nnx.Module, prompts: Sequence[Sequence[int]], responses: np.ndarray,
@@ -164,7 +160,7 @@ def read_prompts(path: str, limit: int) -> list[list[int]]:
                             'list of token ids); write one with python -m isdaa_jax.data --dump')
           prompts.append(ids)
   except FileNotFoundError:
-    raise UserError(f'the prompts file {path} does not exist; write one with python -m '
+    raise MissingFileError(f'the prompts file {path} does not exist; write one with python -m '
                     'isdaa_jax.data --dump (in training: or set config.sample_eval.every=0)'
                     ) from None
   return prompts[:limit] if limit else prompts

@@ -1,15 +1,11 @@
-"""The starting policy and the reference: built or loaded, placed sharded on the mesh.
+"""The starting policy: its architecture from the config alone, its weights built or loaded and
+placed sharded on the mesh.
 
-  cfg, graphdef, params_sharding, params = build_policy(config.model, mesh, config.seed)
-  reference_params = build_reference(config, mesh, params, params_sharding)  # {} unless 'model'
-  attach_cached_reference(config, workdir, mesh, {'train': store}, graphdef, params)  # 'cached'
+  cfg, graphdef, params_sharding, abstract_params = abstract_policy(config.model, mesh, seed)
+  params = load_params(config.model, mesh, config.seed, params_sharding)
 """
 
-import copy
-import dataclasses
-
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from isdaa_jax import sharding
@@ -21,70 +17,36 @@ def param_shardings(abstract_model: nnx.Module, mesh) -> dict:
   return nnx.to_pure_dict(sharding.state_shardings(nnx.state(abstract_model), mesh))
 
 
-def build_policy(model_config, mesh, seed: int):
-  """(LlamaConfig, graphdef, params sharding, params) of the starting policy, placed sharded."""
-  if model_config.path:
+def model_config(model_config_section) -> LlamaConfig:
+  """The architecture: `model.path`'s config.json (nothing else is read), else the config's own
+  fields or preset."""
+  if model_config_section.path:
     from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
-    model = hf.load_model(model_config.path, model_config, mesh)
-    cfg = model.cfg
-    graphdef = nnx.graphdef(model)
-    shardings = param_shardings(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))), mesh)
-    return cfg, graphdef, shardings, nnx.to_pure_dict(nnx.state(model))
-  cfg = LlamaConfig.from_model_config(model_config)
+    return hf.load_config(model_config_section.path, model_config_section)
+  return LlamaConfig.from_model_config(model_config_section)
+
+
+def abstract_policy(model_config_section, mesh, seed: int):
+  """(LlamaConfig, graphdef, params sharding, params as ShapeDtypeStructs): all but the weights."""
+  cfg = model_config(model_config_section)
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))
-  shardings = param_shardings(abstract, mesh)
-  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)))),
-                   out_shardings=shardings)()
-  return cfg, nnx.graphdef(abstract), shardings, params
+  return (cfg, nnx.graphdef(abstract), param_shardings(abstract, mesh),
+          nnx.to_pure_dict(nnx.state(abstract)))
 
 
-def _reference_path_params(config, mesh):
-  """Params of config.train.reference_path (None when the reference is the starting policy)."""
-  if not config.train.reference_path:
-    return None
-  ref_model_config = copy.deepcopy(config.model)
-  ref_model_config.path = config.train.reference_path
-  return build_policy(ref_model_config, mesh, config.seed)[3]
+def load_params(model_config_section, mesh, seed: int, params_sharding) -> dict:
+  """The starting weights (pure dict), placed on `params_sharding`: `model.path`'s checkpoint, or
+  a random initialization with `seed`."""
+  if model_config_section.path:
+    from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+    return nnx.to_pure_dict(nnx.state(hf.load_model(model_config_section.path,
+                                                    model_config_section, mesh)))
+  cfg = LlamaConfig.from_model_config(model_config_section)
+  return jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)))),
+                 out_shardings=params_sharding)()
 
 
-def build_reference(config, mesh, policy_params, params_sharding):
-  """Frozen reference params ({} when no reference model is held)."""
-  if config.train.reference != 'model':
-    return {}
-  params = _reference_path_params(config, mesh)
-  if params is not None:
-    return params
-  # A separate copy: the policy's buffers are donated to the step.
-  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sharding)(
-      policy_params)
-
-
-def attach_cached_reference(config, workdir, mesh, splits: dict, graphdef, policy_params):
-  """config.train.reference='cached': each split's (name -> PairStore) reference log-probs from
-  its cache file (`isdaa_jax.reference_cache`) as `reference_*_logps` columns. A missing cache is
-  computed with the reference model, which is loaded for that alone and dropped afterwards."""
-  from isdaa_jax import reference_cache, score  # pylint: disable=g-import-not-at-top
-  held = {}  # the reference model while a missing cache is computed
-
-  def compute(pairs, split):
-    if not held:
-      params = _reference_path_params(config, mesh)
-      held['model'] = nnx.merge(graphdef, policy_params if params is None else params)
-    scores = score.score_pairs(
-        held['model'], pairs, mesh, batch_size=config.data.batch_size,
-        length_buckets=config.data.length_buckets, chunk_size=config.model.logprob_chunk_size,
-        progress=config.train.progress_bar, desc=f'reference log-probs ({split})',
-        prefix_sharing=config.data.prefix_sharing)
-    return dataclasses.asdict(scores)
-
-  shared = reference_cache.shared_components(
-      tokenizer=config.data.tokenizer or config.model.path, data_config=config.data,
-      reference=config.train.reference_path or config.model.path, model_config=config.model,
-      seed=config.seed)
-  for split, pairs in splits.items():
-    key = reference_cache.key_for(pairs, shared)
-    path = reference_cache.cache_path(config.train.reference_cache, workdir, key, split)
-    arrays, _ = reference_cache.load_or_compute(path, key, lambda p=pairs, s=split: compute(p, s))
-    pairs.columns['reference_chosen_logps'] = arrays['chosen_logps']
-    pairs.columns['reference_rejected_logps'] = arrays['rejected_logps']
-  held.clear()  # no reference parameters stay on device
+def build_policy(model_config_section, mesh, seed: int):
+  """(LlamaConfig, graphdef, params sharding, params) of the starting policy, placed sharded."""
+  cfg, graphdef, shardings, _ = abstract_policy(model_config_section, mesh, seed)
+  return cfg, graphdef, shardings, load_params(model_config_section, mesh, seed, shardings)

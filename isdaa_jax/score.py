@@ -20,122 +20,31 @@ data reads it when its key matches (same pairs after tokenization, tokenizer, `c
 truncation settings, reference weights and `config.model` dtypes), so pass the training
 `--config` here; a mismatch is refused there, naming what differs.
 
-`score_pairs` is the reusable core: tokenized pairs are grouped by `config.data.length_buckets`,
-collated with `isdaa_jax.data.collate`, and each fixed-shape batch runs one jitted, sharded
-forward pass (one compilation per bucket).
+Batches take the layout of the config's `data` section (`isdaa_jax.layout`: padded, prefix-shared
+or packed), scored by `isdaa_jax.scoring.score_pairs`; every layout gives the same sums up to
+float rounding.
 """
 
-import collections
 import dataclasses
 import json
 import pathlib
 import sys
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import jax
-import numpy as np
-import tqdm
 from absl import app, flags, logging
-from flax import nnx
-from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from isdaa_jax import defaults, reference_cache, sharding
-from isdaa_jax.data import collate, pipeline, prefix, sources
+from isdaa_jax import defaults, reference_cache, scoring, sharding
+from isdaa_jax import layout as layout_lib
+from isdaa_jax.data import collate, pipeline, sources
 from isdaa_jax.data.tokenize import PairTokenizer
-from isdaa_jax.errors import UserError
-from isdaa_jax.model import hf, logprobs
-
-_BATCH_KEYS = tuple(f'{side}_{key}' for side in collate.SIDES
-                    for key in ('input_ids', 'targets', 'loss_mask', 'positions', 'segment_ids'))
+from isdaa_jax.errors import MissingFileError, UserError
+from isdaa_jax.model import hf
 
 
-@dataclasses.dataclass(frozen=True)
-class Scores:
-  """Per pair, float32 [N]: response log-probs summed over tokens, and response token counts."""
-  chosen_logps: np.ndarray
-  rejected_logps: np.ndarray
-  chosen_tokens: np.ndarray
-  rejected_tokens: np.ndarray
-
-
-def _forward(model: nnx.Module, batch: Mapping[str, jax.Array], chunk_size: int) -> dict:
-  if prefix.KEY in batch:
-    lp_w, lp_l, n_w, n_l = prefix.sequence_logps(model, batch, chunk_size)
-    return dict(chosen_logps=lp_w, rejected_logps=lp_l, chosen_tokens=n_w, rejected_tokens=n_l)
-  out = {}
-  unembed_DV = model.unembedding()
-  for side in collate.SIDES:
-    hidden_BTD = model(batch[f'{side}_input_ids'], batch[f'{side}_positions'],
-                       batch[f'{side}_segment_ids'])
-    out[f'{side}_logps'], out[f'{side}_tokens'] = logprobs.sequence_logps(
-        hidden_BTD, unembed_DV, batch[f'{side}_targets'], batch[f'{side}_loss_mask'], chunk_size)
-  return out
-
-
-def bucketed_batches(pairs: Sequence[Mapping], batch_size: int, length_buckets: Sequence[int],
-                     length=collate.pair_length) -> Iterator[tuple[np.ndarray, int]]:
-  """(pair indices, bucket length): at most `batch_size` pairs of one bucket at a time, each
-  pair in the smallest bucket that holds `length(pair)`."""
-  by_bucket = collections.defaultdict(list)
-  for i, pair in enumerate(pairs):
-    by_bucket[collate.bucket_for(length(pair), length_buckets)].append(i)
-  for bucket in sorted(by_bucket):
-    idx = np.asarray(by_bucket[bucket])
-    for start in range(0, len(idx), batch_size):
-      yield idx[start:start + batch_size], bucket
-
-
-def score_pairs(model: nnx.Module, pairs: Sequence[Mapping], mesh: Mesh, *, batch_size: int,
-                length_buckets: Sequence[int], chunk_size: int, progress: bool = True,
-                desc: str = 'scoring', prefix_sharing: bool = False) -> Scores:
-  """Summed response log-probs of every tokenized pair under `model` (sharded on `mesh`).
-
-  Batches hold `batch_size` rows rounded up to a multiple of the data-parallel devices; a short
-  last batch of a bucket is filled with copies of its first pair (discarded), so every batch of a
-  bucket has one shape and compiles once. `prefix_sharing` scores one prefix-shared row per pair
-  (`data/prefix.py`), so each prompt runs once; the sums equal the two-row layout's up to float
-  rounding.
-  """
-  n = len(pairs)
-  vocab = model.cfg.vocab_size
-  for key in ('prompt_ids', 'chosen_ids', 'rejected_ids'):
-    top = max((int(np.max(p[key])) for p in pairs if len(p[key])), default=-1)
-    if top >= vocab:
-      raise UserError(f'the pairs hold token id {top} but the model vocabulary has {vocab} '
-                       'entries; tokenize with the model\'s tokenizer (--tokenizer)')
-  dp = mesh.shape['data'] * mesh.shape['fsdp']
-  rows = -(-batch_size // dp) * dp
-  graphdef, state = nnx.split(model)
-  step = jax.jit(lambda state, batch: _forward(nnx.merge(graphdef, state), batch, chunk_size),
-                 out_shardings=sharding.replicated(mesh))
-  batch_sharding = sharding.batch_sharding(mesh)
-  out = {k: np.zeros(n, np.float32) for k in ('chosen_logps', 'rejected_logps', 'chosen_tokens',
-                                              'rejected_tokens')}
-  show = progress and jax.process_index() == 0
-  with tqdm.tqdm(total=n, desc=desc, unit='pair', disable=not show) as bar:
-    if prefix_sharing:
-      batches = bucketed_batches(pairs, rows, prefix.shared_buckets(length_buckets),
-                                 prefix.shared_length)
-    else:
-      batches = bucketed_batches(pairs, rows, length_buckets)
-    for idx, bucket in batches:
-      padded = [pairs[i] for i in np.concatenate([idx, np.full(rows - len(idx), idx[0])])]
-      local = (prefix.collate_shared(padded, bucket) if prefix_sharing
-               else collate.collate_pairs(padded, bucket))
-      keys = [k for k in local if k.startswith('shared_')] if prefix_sharing else _BATCH_KEYS
-      # Every process holds every pair, so each device takes its slice of the global batch.
-      batch = {k: jax.make_array_from_callback(local[k].shape, batch_sharding,
-                                               lambda s, a=local[k]: a[s]) for k in keys}
-      result = jax.device_get(step(state, batch))
-      for k in out:
-        out[k][idx] = result[k][:len(idx)]
-      bar.update(len(idx))
-  return Scores(**out)
-
-
-def output_rows(examples: Sequence[pipeline.Example], policy: Scores,
-                reference: Optional[Scores], as_reference: bool = False) -> list[dict]:
+def output_rows(examples: Sequence[pipeline.Example], policy: scoring.Scores,
+                reference: Optional[scoring.Scores], as_reference: bool = False) -> list[dict]:
   """One JSON-ready row per scored pair (see the module docstring); behavior log-probs of the
   input pass through so the output is itself training data."""
   rows = []
@@ -206,7 +115,7 @@ def run(config, *, model: str, reference: Optional[str], pairs_path: str,
                      'the reference) or --reference')
   path = pathlib.Path(pairs_path).expanduser()
   if not path.is_file():
-    raise UserError(f'--pairs {pairs_path} does not exist; give a .jsonl/.json/.parquet '
+    raise MissingFileError(f'--pairs {pairs_path} does not exist; give a .jsonl/.json/.parquet '
                             'file of pairs')
   tokenizer = tokenizer or config.data.tokenizer or model
   examples, stats = tokenized_examples(sources.read_file(path), source, config.data, tokenizer,
@@ -216,17 +125,17 @@ def run(config, *, model: str, reference: Optional[str], pairs_path: str,
                      '--source and the rows')
   pairs = [ex.pair for ex in examples]
   mesh = sharding.make_mesh(config.mesh)
-  kwargs = dict(batch_size=batch_size or config.data.batch_size,
-                length_buckets=config.data.length_buckets,
+  kwargs = dict(layout=layout_lib.from_config(config.data),
+                batch_size=batch_size or config.data.batch_size,
                 chunk_size=config.model.logprob_chunk_size)
   # One model in memory at a time: the reference loads after the policy is scored and freed.
   policy_model = hf.load_model(model, config.model, mesh)
-  policy = score_pairs(policy_model, pairs, mesh, desc='reference' if as_reference else 'policy',
+  policy = scoring.score_pairs(policy_model, pairs, mesh, desc='reference' if as_reference else 'policy',
                        **kwargs)
   del policy_model
   ref = None
   if reference:
-    ref = score_pairs(hf.load_model(reference, config.model, mesh), pairs, mesh,
+    ref = scoring.score_pairs(hf.load_model(reference, config.model, mesh), pairs, mesh,
                       desc='reference', **kwargs)
   if cache_path and jax.process_index() == 0:
     reference_model = model if as_reference else reference

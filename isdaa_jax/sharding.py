@@ -103,15 +103,6 @@ def state_shardings(state: nnx.State, mesh: Mesh):
   return jax.tree.map(lambda v: _var_sharding(v, mesh), state, is_leaf=_is_var)
 
 
-def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-  """Places every parameter of `model` on its sharding (in place) and returns the model."""
-  state = nnx.state(model)
-  shardings = state_shardings(state, mesh)
-  values = jax.tree.map(lambda v: v.get_value(), state, is_leaf=_is_var)
-  nnx.update(model, jax.device_put(values, shardings))
-  return model
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of [B, ...] batch leaves: B over the data-parallel axes."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -23,14 +23,16 @@ import optax
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from isdaa_jax import layout as layout_lib
 from isdaa_jax import losses, sharding
 from isdaa_jax import policy as policy_lib
+from isdaa_jax import reference as reference_lib
 from isdaa_jax import throughput as throughput_lib
-from isdaa_jax.data import packing, prefix
 from isdaa_jax.errors import UserError
 from isdaa_jax.metrics_writer import MetricsWriter
-from isdaa_jax.model import logprobs
+from isdaa_jax.model.llama import LlamaConfig
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 from isdaa_jax.preemption import Preemption
 
@@ -46,36 +48,28 @@ class TrainState:
 class StepConfig:
   """What the jitted step needs to know, fixed at trace time."""
   loss: Any  # config.loss
-  reference: str  # config.train.reference
+  layout: layout_lib.Layout  # how batches are laid out (config.data)
+  reference: str  # a reference.STEP_MODES entry ('cached' arrives as 'precomputed')
   logprob_chunk_size: int
   grad_accum_steps: int
 
+  @classmethod
+  def from_config(cls, config) -> 'StepConfig':
+    return cls(loss=config.loss, layout=layout_lib.from_config(config.data),
+               reference=reference_lib.step_mode(config.train.reference),
+               logprob_chunk_size=config.model.logprob_chunk_size,
+               grad_accum_steps=config.optimizer.grad_accum_steps)
 
-def sequence_logps(graphdef, params, batch, chunk_size: int):
-  """Summed response log-probs and token counts of chosen and rejected, one forward of 2B (or of
-  B prefix-shared rows, `config.data.prefix_sharing`, or of the packed rows, `data.packing`)."""
-  model = nnx.merge(graphdef, params)
-  if packing.KEY in batch:
-    return packing.sequence_logps(model, batch, chunk_size)
-  if prefix.KEY in batch:
-    return prefix.sequence_logps(model, batch, chunk_size)
-  cat = lambda key: jnp.concatenate([batch[f'chosen_{key}'], batch[f'rejected_{key}']], axis=0)
-  hidden = model(cat('input_ids'), cat('positions'), cat('segment_ids'))
-  lp, n = logprobs.sequence_logps(hidden, model.unembedding(), cat('targets'), cat('loss_mask'),
-                                  chunk_size)
-  b = batch['chosen_input_ids'].shape[0]
-  return lp[:b], lp[b:], n[:b], n[b:]
+
+def sequence_logps(graphdef, params, batch, cfg: StepConfig):
+  """Summed response log-probs and token counts of chosen and rejected under `params`."""
+  return cfg.layout.sequence_logps(nnx.merge(graphdef, params), batch, cfg.logprob_chunk_size)
 
 
 def pair_logps(graphdef, params, reference_params, batch, cfg: StepConfig) -> losses.PairLogps:
-  lp_w, lp_l, n_w, n_l = sequence_logps(graphdef, params, batch, cfg.logprob_chunk_size)
-  if cfg.reference == 'model':
-    rp_w, rp_l, _, _ = sequence_logps(graphdef, jax.lax.stop_gradient(reference_params), batch,
-                                      cfg.logprob_chunk_size)
-  elif cfg.reference == 'precomputed':
-    rp_w, rp_l = batch['reference_chosen_logps'], batch['reference_rejected_logps']
-  else:  # reference-free loss without importance weighting
-    rp_w, rp_l = jnp.zeros_like(lp_w), jnp.zeros_like(lp_l)
+  lp_w, lp_l, n_w, n_l = sequence_logps(graphdef, params, batch, cfg)
+  rp_w, rp_l = reference_lib.step_logps(cfg.reference, cfg.layout, graphdef, reference_params,
+                                        batch, cfg.logprob_chunk_size, lp_w, lp_l)
   return losses.PairLogps(
       policy_chosen=lp_w, policy_rejected=lp_l, reference_chosen=rp_w, reference_rejected=rp_l,
       chosen_tokens=n_w, rejected_tokens=n_l,
@@ -101,11 +95,6 @@ def _split_micro(batch, n):
 def _merge_micro(x):
   """Inverse of `_split_micro` for the per-example outputs: [n, B/n, ...] -> [B, ...]."""
   return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
-
-
-def _real_tokens(batch):
-  # Tokens the model ran on, in either layout (unshared: chosen + rejected rows; shared: one row).
-  return sum(jnp.sum(v > 0) for k, v in batch.items() if k.endswith('segment_ids'))
 
 
 def train_step(state: TrainState, reference_params, batch, *, graphdef, tx, schedule,
@@ -136,7 +125,7 @@ def train_step(state: TrainState, reference_params, batch, *, graphdef, tx, sche
       'param_norm': optax.tree.norm(params),
       'learning_rate': schedule(state.step),
       'kl/policy_ref_chosen': jnp.mean(logps.policy_chosen - logps.reference_chosen),
-      'tokens': _real_tokens(batch).astype(jnp.float32),
+      'tokens': cfg.layout.real_tokens(batch).astype(jnp.float32),
   }
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -147,13 +136,36 @@ def eval_step(params, reference_params, batch, *, graphdef, cfg: StepConfig):
 
 
 @dataclasses.dataclass
-class Compiled:
-  """The jitted step functions and the shardings they were compiled for."""
-  train_step: Callable
-  eval_step: Callable
-  state_sharding: Any
-  reference_sharding: Any
-  batch_sharding: Any
+class Setup:
+  """The wiring of one training run, from the config alone: no weights and no data are read
+  (with `model.path`, only its config.json). `train.run`, the tests, the benchmarks and the
+  notebooks all build their step here."""
+  mesh: Mesh
+  model_cfg: LlamaConfig
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: Callable
+  step: StepConfig
+  params_sharding: Any  # pure dict of NamedShardings
+  reference_sharding: Any  # params_sharding when the reference runs in the step, else {}
+  state_sharding: TrainState
+  abstract_state: TrainState  # ShapeDtypeStructs that carry `state_sharding`
+  batch_sharding: NamedSharding  # of every batch leaf: rows over the data-parallel axes
+  train_step: Callable  # jitted (state, reference_params, batch) -> (state, metrics), donating state
+  eval_step: Callable  # jitted (params, reference_params, batch) -> metrics
+
+  @property
+  def data_parallel(self) -> int:
+    return self.mesh.shape['data'] * self.mesh.shape['fsdp']
+
+  def init_state(self, params) -> TrainState:
+    """A fresh state around already-placed params; the optimizer state is created sharded."""
+    tx = self.tx
+
+    @functools.partial(jax.jit, out_shardings=self.state_sharding)
+    def init(p):
+      return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+    return init(params)
 
 
 def state_shardings(tx, abstract_state: TrainState, params_sharding, mesh) -> TrainState:
@@ -164,10 +176,25 @@ def state_shardings(tx, abstract_state: TrainState, params_sharding, mesh) -> Tr
   return TrainState(step=rep, params=params_sharding, opt_state=opt)
 
 
-def compile_steps(graphdef, tx, schedule, cfg: StepConfig, state_sharding, reference_sharding,
-                  batch_keys, mesh) -> Compiled:
-  bs = sharding.batch_sharding(mesh)
-  batch_sharding = {k: bs for k in batch_keys}
+def setup(config, mesh) -> Setup:
+  """Optimizer, schedule, shardings, abstract state, step config and the jitted steps."""
+  if config.data.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
+    raise UserError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
+                    f'data-parallel mesh size data*fsdp={mesh.shape["data"] * mesh.shape["fsdp"]}')
+  model_cfg, graphdef, params_sharding, abstract_params = policy_lib.abstract_policy(
+      config.model, mesh, config.seed)
+  num_steps = config.train.num_steps
+  tx = make_optimizer(config.optimizer, num_steps)
+  schedule = learning_rate_schedule(config.optimizer, num_steps)
+  abstract = jax.eval_shape(
+      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+      abstract_params)
+  state_sharding = state_shardings(tx, abstract, params_sharding, mesh)
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, state_sharding)
+  cfg = StepConfig.from_config(config)
+  reference_sharding = params_sharding if reference_lib.in_step(cfg.reference) else {}
+  batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
       functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg),
       in_shardings=(state_sharding, reference_sharding, batch_sharding),
@@ -175,17 +202,12 @@ def compile_steps(graphdef, tx, schedule, cfg: StepConfig, state_sharding, refer
       donate_argnums=(0,))
   evaluate = jax.jit(
       functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
-      in_shardings=(state_sharding.params, reference_sharding, batch_sharding),
+      in_shardings=(params_sharding, reference_sharding, batch_sharding),
       out_shardings=sharding.replicated(mesh))
-  return Compiled(step, evaluate, state_sharding, reference_sharding, batch_sharding)
-
-
-def init_state(params, tx, state_sharding: TrainState) -> TrainState:
-  """A fresh state around already-placed params; the optimizer state is created sharded."""
-  @functools.partial(jax.jit, out_shardings=state_sharding)
-  def init(p):
-    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
-  return init(params)
+  return Setup(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, tx=tx, schedule=schedule,
+               step=cfg, params_sharding=params_sharding, reference_sharding=reference_sharding,
+               state_sharding=state_sharding, abstract_state=abstract_state,
+               batch_sharding=batch_sharding, train_step=step, eval_step=evaluate)
 
 
 def describe_nonfinite(metrics: dict) -> Optional[str]:
@@ -205,17 +227,47 @@ def _to_host(metrics) -> dict:
   return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def _evaluate(compiled, params, reference, eval_batches, mesh, max_batches: int) -> dict:
+def _evaluate(run_setup: Setup, params, reference, batches, max_batches: int) -> dict:
   totals, count = {}, 0
-  batches = eval_batches()
   for batch in itertools.islice(batches, max_batches):
-    m = _to_host(compiled.eval_step(params, reference, sharding.global_batch(batch, mesh)))
+    m = _to_host(run_setup.eval_step(params, reference,
+                                     sharding.global_batch(batch, run_setup.mesh)))
     for k, v in m.items():
       totals[k] = totals.get(k, 0.0) + v
     count += 1
   if hasattr(batches, 'close'):  # a Grain iterator: stop its worker processes now
     batches.close()
   return {f'eval/{k}': v / count for k, v in totals.items()} if count else {}
+
+
+class _StepLog:
+  """Pulls each step's metrics (one step late), checks them, times the window and writes them."""
+
+  def __init__(self, config, writer, throughput, checkpointer, start: int):
+    self._config, self._writer, self._throughput = config, writer, throughput
+    self._checkpointer, self._start = checkpointer, start
+    self.last_good_step = start
+    self.clock = time.perf_counter()  # when the newest pulled step was seen finished
+
+  def __call__(self, step: int, device_metrics, bar):
+    metrics = _to_host(device_metrics)
+    now = time.perf_counter()
+    if step > self._start + 1:  # a run's first step includes compilation
+      self._throughput.add(metrics['tokens'], now - self.clock)
+    self.clock = now
+    bad = describe_nonfinite(metrics)
+    if bad:
+      kept = (f'the last good checkpoint (step {self.last_good_step}) in '
+              f'{self._checkpointer.directory} is intact and a rerun resumes from it'
+              if self.last_good_step else 'no checkpoint had been written yet')
+      raise TrainingDiverged(f'{bad} became non-finite at step {step}; {kept}; lower '
+                             'config.optimizer.learning_rate or check the data')
+    num_steps = self._config.train.num_steps
+    report = step % self._config.train.log_every == 0 or step == num_steps
+    if report:
+      metrics.update(self._throughput.report())
+    self._writer.write(step, metrics, tensorboard=report)
+    bar.set_postfix(loss=f'{metrics["loss"]:.4f}', refresh=False)
 
 
 def run(config, workdir, step_hooks=()) -> TrainState:
@@ -225,80 +277,52 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   step 0, every `every` steps and at the last step, and its scalars are logged (used by the lab
   for gold-reward / KL curves from one run).
   """
-  from isdaa_jax import checkpoint, distributed  # pylint: disable=g-import-not-at-top
+  from isdaa_jax import checkpoint, config as config_lib, distributed  # pylint: disable=g-import-not-at-top
   from isdaa_jax.data import pipeline  # pylint: disable=g-import-not-at-top
 
+  config_lib.validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   distributed.initialize(config.distributed)
-  mesh = sharding.make_mesh(config.mesh)
-  num_steps = config.train.num_steps
-
-  model_cfg, graphdef, params_sharding, params = policy_lib.build_policy(config.model, mesh,
-                                                                        config.seed)
-  reference = policy_lib.build_reference(config, mesh, params, params_sharding)
-  reference_sharding = params_sharding if reference else {}
-  # Generation-based eval measures KL to the reference model, or to the starting policy when no
-  # reference model is held.
-  kl_reference = reference
-  if config.sample_eval.every and not reference:
-    kl_reference = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=params_sharding)(
-        params)
-  tx = make_optimizer(config.optimizer, num_steps)
-  schedule = learning_rate_schedule(config.optimizer, num_steps)
-  abstract_state = jax.eval_shape(
-      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-      params)
-  state_sharding = state_shardings(tx, abstract_state, params_sharding, mesh)
-
-  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
-  if config.data.batch_size % data_parallel:
-    raise UserError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
-                     f'data-parallel mesh size data*fsdp={data_parallel}')
+  run_setup = setup(config, sharding.make_mesh(config.mesh))
+  mesh, graphdef, num_steps = run_setup.mesh, run_setup.graphdef, config.train.num_steps
+  params = policy_lib.load_params(config.model, mesh, config.seed, run_setup.params_sharding)
+  reference = reference_lib.build(config, mesh, params, run_setup.params_sharding)
   data = pipeline.load(config.data, model_path=config.model.path,
-                       vocab_size=model_cfg.vocab_size)
+                       vocab_size=run_setup.model_cfg.vocab_size)
+  splits = {'train': data.train, **({} if data.eval is None else {'eval': data.eval})}
   if config.train.reference == 'cached':
-    splits = {'train': data.train, **({} if data.eval is None else {'eval': data.eval})}
-    policy_lib.attach_cached_reference(config, workdir, mesh, splits, graphdef, params)
-  train_iterator = pipeline.train_iterator(data.train, config.data,
+    splits = reference_lib.attach_cached(config, workdir, mesh, splits, graphdef, params)
+  layout, dp = run_setup.step.layout, run_setup.data_parallel
+  train_iterator = pipeline.train_iterator(splits['train'], config.data, layout,
                                            micro_batches=config.optimizer.grad_accum_steps,
-                                           row_multiple=data_parallel)
-
-  def eval_batches():
-    return iter(()) if data.eval is None else pipeline.eval_iterator(
-        data.eval, config.data, row_multiple=data_parallel)
-
+                                           row_multiple=dp)
+  eval_batches = lambda: (pipeline.eval_iterator(splits['eval'], config.data, layout,
+                                                 row_multiple=dp) if 'eval' in splits else iter(()))
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True)
-  sharded_abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state,
-      state_sharding)
-  state = checkpointer.restore_latest(sharded_abstract, train_iterator)
+  state = checkpointer.restore_latest(run_setup.abstract_state, train_iterator)
   if state is None:
-    state = init_state(params, tx, state_sharding)
+    state = run_setup.init_state(params)
   else:
     logging.info('resumed from step %d', int(state.step))
-  del params
-
-  # A cached reference is a precomputed one by the time the step runs.
-  step_reference = 'precomputed' if config.train.reference == 'cached' else config.train.reference
-  cfg = StepConfig(loss=config.loss, reference=step_reference,
-                   logprob_chunk_size=config.model.logprob_chunk_size,
-                   grad_accum_steps=config.optimizer.grad_accum_steps)
-  compiled = None  # compiled at the first batch, whose keys fix the batch shardings
   if config.sample_eval.every:
     from isdaa_jax import evaluate  # pylint: disable=g-import-not-at-top
+    # KL is measured to the reference model, or to the starting policy when none is held.
+    kl_reference = reference or jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                        out_shardings=run_setup.params_sharding)(params)
     step_hooks = tuple(step_hooks) + (evaluate.training_hook(
         config.sample_eval, config.model, graphdef, kl_reference, mesh),)
+  del params
   writer = MetricsWriter(workdir, config.train.tensorboard)
   peak = config.train.peak_flops_per_device or throughput_lib.measure_peak_flops()
-  throughput = throughput_lib.Throughput(
-      throughput_lib.flops_per_token(model_cfg.num_params(), config.train.reference),
-      peak * jax.device_count())
+  throughput = throughput_lib.Throughput(throughput_lib.flops_per_token(
+      run_setup.model_cfg.num_params(), config.train.reference), peak * jax.device_count())
   config_json = json.loads(config.to_json())
   preemption = Preemption()
   start = int(state.step)
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not config.train.progress_bar
                   or jax.process_index() != 0, desc='train')
+  log = _StepLog(config, writer, throughput, checkpointer, start)
 
   def run_hooks(step):
     scalars = {}
@@ -308,32 +332,9 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     if scalars:
       writer.write(step, scalars, tensorboard=True)
 
-  def log(step, device_metrics):
-    """Pulls a step's metrics (waiting for the step to finish), checks and writes them."""
-    nonlocal clock, last_good_step
-    metrics = _to_host(device_metrics)
-    now = time.perf_counter()
-    if step > start + 1:  # a run's first step includes compilation
-      throughput.add(metrics['tokens'], now - clock)
-    clock = now
-    bad = describe_nonfinite(metrics)
-    if bad:
-      kept = (f'the last good checkpoint (step {last_good_step}) in {checkpointer.directory} '
-              'is intact and a rerun resumes from it' if last_good_step
-              else 'no checkpoint had been written yet')
-      raise TrainingDiverged(f'{bad} became non-finite at step {step}; {kept}; lower '
-                             'config.optimizer.learning_rate or check the data')
-    report = step % config.train.log_every == 0 or step == num_steps
-    if report:
-      metrics.update(throughput.report())
-    writer.write(step, metrics, tensorboard=report)
-    bar.set_postfix(loss=f'{metrics["loss"]:.4f}', refresh=False)
-
   if start == 0:
     run_hooks(0)
-  last_good_step = start
   pending = None  # (step, device metrics) of the step before, pulled one step late
-  clock = time.perf_counter()  # when the newest pulled step was seen finished
   try:
     for step in range(start + 1, num_steps + 1):
       try:
@@ -342,13 +343,9 @@ def run(config, workdir, step_hooks=()) -> TrainState:
         logging.warning('the training data ran out after step %d (config.data.num_epochs=%d)',
                         step - 1, config.data.num_epochs)
         break
-      if compiled is None:
-        compiled = compile_steps(graphdef, tx, schedule, cfg, state_sharding, reference_sharding,
-                                 tuple(local), mesh)
-      state, metrics = compiled.train_step(state, reference,
-                                           sharding.global_batch(local, mesh))
+      state, metrics = run_setup.train_step(state, reference, sharding.global_batch(local, mesh))
       if pending is not None:
-        log(*pending)
+        log(*pending, bar)
       pending = (step, metrics)
       bar.update(1)
       save_now = (step % config.checkpoint.every_steps == 0 or step == num_steps
@@ -357,11 +354,11 @@ def run(config, workdir, step_hooks=()) -> TrainState:
       hook_now = any(step % every == 0 or step == num_steps for every, _ in step_hooks)
       if save_now or evaluate_now or hook_now:
         # Synchronize: this step's metrics are checked before anything is saved or evaluated.
-        log(step, metrics)
+        log(step, metrics, bar)
         pending = None
         eval_loss = None
         if evaluate_now:
-          scalars = _evaluate(compiled, state.params, reference, eval_batches, mesh,
+          scalars = _evaluate(run_setup, state.params, reference, eval_batches(),
                               config.train.eval_batches)
           writer.write(step, scalars)
           eval_loss = scalars.get('eval/loss')
@@ -369,12 +366,12 @@ def run(config, workdir, step_hooks=()) -> TrainState:
         if save_now or preemption.raised:
           checkpointer.save(step, state, train_iterator, config_json, eval_loss=eval_loss,
                             force=True)
-          last_good_step = step
+          log.last_good_step = step
         if preemption.raised:
           break
-        clock = time.perf_counter()  # evaluation, hooks and saving are not step time
+        log.clock = time.perf_counter()  # evaluation, hooks and saving are not step time
     if pending is not None:
-      log(*pending)
+      log(*pending, bar)
   finally:
     checkpointer.wait()
     # Worker processes and their shared-memory buffers go now, not at interpreter exit.

@@ -43,7 +43,6 @@ from isdaa_jax import checkpoint, losses, policy, sharding, train
 from isdaa_jax.data import collate
 from isdaa_jax.lab import results as lab_results
 from isdaa_jax.lab import study
-from isdaa_jax.optimizer import make_optimizer
 
 FAST = os.environ.get('ISDAA_NOTEBOOK_FAST') == '1'
 GRID = 5 if FAST else 21  # points along each direction
@@ -94,23 +93,18 @@ def run_dir(importance):
 
 cfg = run_config(False)
 mesh = sharding.make_mesh(cfg.mesh)
-_, graphdef, params_sharding, reference_params = policy.build_policy(cfg.model, mesh, cfg.seed)
+run_setup = train.setup(cfg, mesh)  # the wiring `train.run` used for these runs
+graphdef, params_sharding = run_setup.graphdef, run_setup.params_sharding
+reference_params = policy.load_params(cfg.model, mesh, cfg.seed, params_sharding)
 
 
 def restore_params(importance):
   """The final policy parameters of one run, from its latest Orbax checkpoint."""
   cfg = run_config(importance)
-  tx = make_optimizer(cfg.optimizer, cfg.train.num_steps)
-  abstract = jax.eval_shape(
-      lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-      reference_params)
-  shardings = train.state_shardings(tx, abstract, params_sharding, mesh)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
   # The data iterator's state is not needed here; only `state` is read.
   checkpointer = checkpoint.Checkpointer(run_dir(importance), cfg.checkpoint,
                                          has_data_state=False)
-  state = checkpointer.restore_latest(abstract, None)
+  state = checkpointer.restore_latest(train.setup(cfg, mesh).abstract_state, None)
   checkpointer.close()
   assert state is not None, f'no checkpoint in {run_dir(importance)}'
   assert int(state.step) == cfg.train.num_steps, 'the final step is always saved'
@@ -143,10 +137,11 @@ batch = sharding.global_batch(collate.collate_pairs(rows, cfg.data.max_length), 
 
 
 def step_config(importance, reference='precomputed'):
-  loss = cfg.loss.copy_and_resolve_references()
-  loss.importance.enabled = importance
-  return train.StepConfig(loss=loss, reference=reference,
-                          logprob_chunk_size=cfg.model.logprob_chunk_size, grad_accum_steps=1)
+  step_cfg = cfg.copy_and_resolve_references()
+  step_cfg.loss.importance.enabled = importance
+  step_cfg.train.reference = reference
+  step_cfg.optimizer.grad_accum_steps = 1
+  return train.StepConfig.from_config(step_cfg)
 
 
 reference_logps = jax.jit(functools.partial(train.pair_logps, graphdef,

@@ -10,6 +10,7 @@ import pytest
 import tokenizer_util
 from isdaa_jax import defaults
 from isdaa_jax.data import collate, pipeline, sources
+from isdaa_jax import layout as layout_lib
 
 N_PAIRS, BUCKETS = 100, (16, 32, 64)
 HH_FIXTURE = pathlib.Path(__file__).parent / 'fixtures' / 'data' / 'hh_small.jsonl'
@@ -72,7 +73,7 @@ def test_batches_are_padded_to_the_smallest_fitting_bucket(id_file):
   data = _data(id_file)
   pairs = pipeline.load(data).train
   assert len(pairs) == N_PAIRS and pipeline.steps_per_epoch(pairs, data) == 12
-  batches = list(pipeline.train_iterator(pairs, data))
+  batches = list(pipeline.train_iterator(pairs, data, layout_lib.from_config(data)))
   assert len(batches) == 12  # the last incomplete batch is dropped
   seen = []
   for batch in batches:
@@ -97,25 +98,25 @@ def test_batches_are_padded_to_the_smallest_fitting_bucket(id_file):
 def test_shuffle_is_deterministic_per_seed_and_epoch(id_file):
   data = _data(id_file, num_epochs=2)
   pairs = pipeline.load(data).train
-  order = [i for b in pipeline.train_iterator(pairs, data) for i in _ident(b)]
+  order = [i for b in pipeline.train_iterator(pairs, data, layout_lib.from_config(data)) for i in _ident(b)]
   assert len(order) == 200
   assert sorted(order[:100]) == sorted(order[100:]) == list(range(100))
   assert order[:100] != order[100:]  # reshuffled each epoch
   assert order[:100] != list(range(100))
-  again = [i for b in pipeline.train_iterator(pairs, data) for i in _ident(b)]
+  again = [i for b in pipeline.train_iterator(pairs, data, layout_lib.from_config(data)) for i in _ident(b)]
   assert again == order
   other = _data(id_file, num_epochs=2, shuffle_seed=7)
-  assert [i for b in pipeline.train_iterator(pairs, other) for i in _ident(b)] != order
+  assert [i for b in pipeline.train_iterator(pairs, other, layout_lib.from_config(other)) for i in _ident(b)] != order
 
 
 def test_state_round_trip_gives_the_same_next_batches(id_file):
   data = _data(id_file, num_epochs=3)
   pairs = pipeline.load(data).train
-  it = pipeline.train_iterator(pairs, data)
+  it = pipeline.train_iterator(pairs, data, layout_lib.from_config(data))
   _take(it, 10)  # crosses into the second epoch
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
   expected = _take(it, 5)
-  resumed = pipeline.train_iterator(pairs, data)
+  resumed = pipeline.train_iterator(pairs, data, layout_lib.from_config(data))
   resumed.set_state(state)
   _assert_same_batches(_take(resumed, 5), expected)
 
@@ -123,13 +124,13 @@ def test_state_round_trip_gives_the_same_next_batches(id_file):
 def test_worker_processes_give_the_same_batches_and_state(id_file):
   data = _data(id_file)
   pairs = pipeline.load(data).train
-  reference = list(pipeline.train_iterator(pairs, data))
+  reference = list(pipeline.train_iterator(pairs, data, layout_lib.from_config(data)))
   mp_data = _data(id_file, worker_count=1)
-  it = pipeline.train_iterator(pairs, mp_data)
+  it = pipeline.train_iterator(pairs, mp_data, layout_lib.from_config(mp_data))
   first = _take(it, 4)
   state = it.get_state()
   _assert_same_batches(first + list(it), reference)
-  resumed = pipeline.train_iterator(pairs, mp_data)
+  resumed = pipeline.train_iterator(pairs, mp_data, layout_lib.from_config(mp_data))
   resumed.set_state(state)
   _assert_same_batches(list(resumed), reference[4:])
 
@@ -137,8 +138,8 @@ def test_worker_processes_give_the_same_batches_and_state(id_file):
 def test_processes_get_disjoint_halves_of_each_global_batch(id_file):
   data = _data(id_file)
   pairs = pipeline.load(data).train
-  whole = list(pipeline.train_iterator(pairs, data, process_index=0, process_count=1))
-  halves = [list(pipeline.train_iterator(pairs, data, process_index=p, process_count=2))
+  whole = list(pipeline.train_iterator(pairs, data, layout_lib.from_config(data), process_index=0, process_count=1))
+  halves = [list(pipeline.train_iterator(pairs, data, layout_lib.from_config(data), process_index=p, process_count=2))
             for p in (0, 1)]
   covered = []
   for g, h0, h1 in zip(whole, *halves):
@@ -150,16 +151,16 @@ def test_processes_get_disjoint_halves_of_each_global_batch(id_file):
     covered += _ident(h0) + _ident(h1)
   assert len(covered) == len(set(covered)) == 96
   with pytest.raises(sources.DataSourceError, match='divisible'):
-    pipeline.train_iterator(pairs, _data(id_file, batch_size=6), process_index=0, process_count=4)
+    pipeline.train_iterator(pairs, _data(id_file, batch_size=6), layout_lib.from_config(_data(id_file, batch_size=6)), process_index=0, process_count=4)
 
 
 def test_eval_iterator_is_ordered_and_restartable(id_file):
   data = _data(id_file, eval_holdout=0)
   pairs = pipeline.load(data).train
-  first = list(pipeline.eval_iterator(pairs, data))
+  first = list(pipeline.eval_iterator(pairs, data, layout_lib.from_config(data)))
   assert [i for b in first for i in _ident(b)] == list(range(96))
-  _assert_same_batches(list(pipeline.eval_iterator(pairs, data)), first)
-  halves = [list(pipeline.eval_iterator(pairs, data, process_index=p, process_count=2))
+  _assert_same_batches(list(pipeline.eval_iterator(pairs, data, layout_lib.from_config(data))), first)
+  halves = [list(pipeline.eval_iterator(pairs, data, layout_lib.from_config(data), process_index=p, process_count=2))
             for p in (0, 1)]
   assert [i for b0, b1 in zip(*halves) for i in _ident(b0) + _ident(b1)] == list(range(96))
 
@@ -167,7 +168,7 @@ def test_eval_iterator_is_ordered_and_restartable(id_file):
 def test_log_prob_columns_pass_through(tmp_path):
   path = _write(tmp_path / 'scored.jsonl', _id_rows(logps=True))
   data = _data(path)
-  batch = next(pipeline.train_iterator(pipeline.load(data).train, data))
+  batch = next(pipeline.train_iterator(pipeline.load(data).train, data, layout_lib.from_config(data)))
   idx = np.asarray(_ident(batch), np.float32)
   np.testing.assert_array_equal(batch['behavior_chosen_logps'], -idx)
   np.testing.assert_array_equal(batch['behavior_rejected_logps'], -idx - 0.5)
@@ -210,7 +211,7 @@ def test_eval_sources(tmp_path, id_file):
 def test_size_and_vocabulary_errors(id_file):
   data = _data(id_file, batch_size=128)
   with pytest.raises(sources.DataSourceError, match='fewer than one batch'):
-    pipeline.train_iterator(pipeline.load(data).train, data)
+    pipeline.train_iterator(pipeline.load(data).train, data, layout_lib.from_config(data))
   with pytest.raises(sources.DataSourceError, match='vocabulary has 256'):
     pipeline.load(_data(id_file), vocab_size=256)
   with pytest.raises(sources.DataSourceError, match='eval_holdout'):
@@ -224,7 +225,7 @@ def test_synthetic_source():
   assert len(loaded.train) == data.synthetic.num_pairs and loaded.eval is None
   assert loaded.summary['train'] == dict(rows=256, kept=256, dropped={}, truncated={
       'prompt': 0, 'response': 0})
-  batch = next(pipeline.train_iterator(loaded.train, data))
+  batch = next(pipeline.train_iterator(loaded.train, data, layout_lib.from_config(data)))
   assert batch['chosen_input_ids'].shape == (16, 128) and batch['chosen_input_ids'].max() < 128
 
 
@@ -249,7 +250,7 @@ def test_hh_text_pipeline_counts_drops_and_fits_buckets(tmp_path):
                                                   'response': response_cut.sum()}
   assert prompt_cut.sum() >= 1 and response_cut.sum() >= 1
   assert (loaded.train.lengths <= 128).all()
-  for batch in pipeline.train_iterator(loaded.train, data):
+  for batch in pipeline.train_iterator(loaded.train, data, layout_lib.from_config(data)):
     assert batch['chosen_input_ids'].shape[1] in (32, 64, 128)
     assert batch['rejected_loss_mask'].sum(axis=1).min() >= 1
   limited = pipeline.load(_data(HH_FIXTURE, source='hh', tokenizer=tok, max_examples=5))

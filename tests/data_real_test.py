@@ -11,6 +11,7 @@ import transformers
 
 from configs import hh
 from isdaa_jax.data import collate, pipeline, sources, tokenize
+from isdaa_jax import layout as layout_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / 'shared' / 'data'
@@ -80,7 +81,7 @@ def test_whole_harmless_base_test_split():
   assert tok(dialogues, add_special_tokens=False)['input_ids'] == token_streams
 
   store = pipeline.PairStore([ex.pair for ex in kept])
-  batch = next(pipeline.train_iterator(store, data, process_index=0, process_count=1))
+  batch = next(pipeline.train_iterator(store, data, layout_lib.from_config(data), process_index=0, process_count=1))
   assert batch['chosen_input_ids'].shape[0] == data.batch_size
   assert batch['chosen_input_ids'].shape[1] in data.length_buckets
   assert batch['chosen_input_ids'].max() < len(tok)

@@ -215,8 +215,6 @@ def test_reward_model_scores_match_transformers(tmp_path):
   last = ref['attention_mask'].sum(axis=1) - 1
   scores = np.asarray(hidden[np.arange(len(last)), last] @ head)
   np.testing.assert_allclose(scores, ref['scores'], atol=1e-4, rtol=0)
-  np.testing.assert_array_equal(
-      np.asarray(hf.load_reward_head(str(FIXTURES / 'llama_reward'), _mesh())), np.asarray(head))
   hf.save_reward_model(backbone, head, str(tmp_path), pad_token_id=0)
   with safe_open(FIXTURES / 'llama_reward' / 'model.safetensors', 'numpy') as a, \
        safe_open(tmp_path / 'model.safetensors', 'numpy') as b:

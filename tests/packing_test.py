@@ -4,13 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import prefix_test
 import train_test
-from isdaa_jax import defaults
 from isdaa_jax import config as config_lib
-from isdaa_jax import train
+from isdaa_jax import defaults, train
+from isdaa_jax import layout as layout_lib
 from isdaa_jax.data import collate, packing, pipeline, prefix
+from isdaa_jax.model import pair_logps
 
 
 def test_unshared_layout_by_hand():
@@ -46,8 +48,8 @@ def test_shared_layout_by_hand():
   a = dict(prompt_ids=[1, 5], chosen_ids=[7, 2], rejected_ids=[8, 2])
   b = dict(prompt_ids=[1], chosen_ids=[6, 2], rejected_ids=[9, 9, 2])
   batch = packing.collate_packed([a, b], 8, shared=True, row_multiple=4)
-  assert batch[packing.KEY].shape == (4, 8)  # 2 rows needed, rounded up to the multiple
-  np.testing.assert_array_equal(batch[packing.KEY][:2], [[1, 5, 7, 2, 8, 2, 0, 0],
+  assert batch['packed_input_ids'].shape == (4, 8)  # 2 rows needed, rounded up to the multiple
+  np.testing.assert_array_equal(batch['packed_input_ids'][:2], [[1, 5, 7, 2, 8, 2, 0, 0],
                                                          [1, 6, 2, 9, 9, 2, 0, 0]])
   np.testing.assert_array_equal(batch['packed_roles'][:2], [[1, 1, 2, 2, 3, 3, 0, 0],
                                                             [1, 2, 2, 3, 3, 3, 0, 0]])
@@ -65,13 +67,13 @@ def test_mask_is_the_per_unit_mask_on_the_diagonal_and_nothing_across_units():
   for shared in (False, True):
     batch = packing.collate_packed(pairs, 40, shared=shared)
     seg, roles = batch['packed_segment_ids'], batch['packed_roles']
-    mask = np.asarray(packing.attention_mask(jnp.asarray(seg), jnp.asarray(roles)))
+    mask = np.asarray(pair_logps.packed_attention_mask(jnp.asarray(seg), jnp.asarray(roles)))
     for r in range(seg.shape[0]):
       for s in range(1, seg[r].max() + 1):
         span = np.flatnonzero(seg[r] == s)
         inside = mask[r][np.ix_(span, span)]
         if shared:
-          expected = np.asarray(prefix.attention_mask(jnp.asarray(roles[r][span])[None]))[0]
+          expected = np.asarray(pair_logps.shared_attention_mask(jnp.asarray(roles[r][span])[None]))[0]
         else:
           expected = np.tril(np.ones((len(span), len(span)), bool))
         np.testing.assert_array_equal(inside, expected)
@@ -92,16 +94,16 @@ def test_packing_leaves_less_padding_than_buckets_on_varied_lengths():
   padded_tokens = 2 * len(pairs) * bucket
   packed = packing.collate_packed(pairs, 128, shared=False)
   assert int((packed['packed_segment_ids'] > 0).sum()) == real
-  assert packed[packing.KEY].size < 0.8 * padded_tokens
-  assert packed[packing.KEY].size < 1.1 * real  # first-fit leaves < 10% of each row empty here
+  assert packed['packed_input_ids'].size < 0.8 * padded_tokens
+  assert packed['packed_input_ids'].size < 1.1 * real  # first-fit leaves < 10% of each row empty here
 
 
-def _grad_outputs(graphdef, params, batch, chunk, micro):
+def _grad_outputs(graphdef, params, batch, layout, chunk, micro):
   """Log-probs, counts and the gradient of a weighted sum of them, per micro-batch as the train
   step splits a batch, merged back into global pair order."""
 
   def objective(p, b):
-    lp_w, lp_l, n_w, n_l = train.sequence_logps(graphdef, p, b, chunk)
+    lp_w, lp_l, n_w, n_l = layout.sequence_logps(nnx.merge(graphdef, p), b, chunk)
     w = jnp.arange(1.0, lp_w.shape[0] + 1)  # differs per pair and side: every log-prob counts
     return jnp.sum(w * lp_w - 0.5 * w * lp_l), (lp_w, lp_l, n_w, n_l)
 
@@ -126,8 +128,9 @@ def test_logps_and_gradients_equal_the_padded_layout(shared, micro, attention, c
   padded = collate.collate_pairs(pairs, 16)
   packed = packing.collate_packed(pairs, 32, shared=shared, micro_batches=micro)
   # Both split into the same strided micro-batches, as the train step splits them.
-  g_u, out_u = _grad_outputs(graphdef, params, padded, chunk, micro)
-  g_p, out_p = _grad_outputs(graphdef, params, packed, chunk, micro)
+  g_u, out_u = _grad_outputs(graphdef, params, padded, layout_lib.Padded((16,)), chunk, micro)
+  g_p, out_p = _grad_outputs(graphdef, params, packed, layout_lib.Packed(32, shared), chunk,
+                             micro)
   for name, a, b in zip(('lp_w', 'lp_l', 'n_w', 'n_l'), out_u, out_p):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
   np.testing.assert_array_equal(out_p[2], [len(p['chosen_ids']) for p in pairs])
@@ -141,10 +144,12 @@ def test_train_step_packed_on_eight_devices_matches_padded_on_one(shared):
   pairs = train_test._pairs(16, seed=5)
   cfg = train_test._config(**{'optimizer.grad_accum_steps': 2, 'loss.importance.enabled': True})
   padded = train_test.Harness(cfg, train_test._mesh((1, 1, 1)))
+  config_lib.apply_overrides(cfg, {'data.packing': True, 'data.pack_length': 40,
+                                   'data.prefix_sharing': shared})
   packed = train_test.Harness(cfg, train_test._mesh((2, 2, 2)))
   # data * fsdp = 4 data-parallel devices: rows round up to a multiple of 4 per micro-batch.
   batch = packing.collate_packed(pairs, 40, shared=shared, micro_batches=2, row_multiple=4)
-  assert batch[packing.KEY].shape[0] % 8 == 0
+  assert batch['packed_input_ids'].shape[0] % 8 == 0
   for i in range(3):
     m_u, m_p = padded.step(collate.collate_pairs(pairs, 24)), packed.step(batch)
     for k in ('loss', 'grad_norm', 'rewards/margins', 'is/weight_mean', 'logps/rejected'):
@@ -162,15 +167,15 @@ def test_pipeline_packs_the_global_batch_and_splits_it_over_processes():
   store = pipeline.PairStore(prefix_test._pairs(32, seed=6))
   data = defaults.data_config()
   data.batch_size, data.length_buckets, data.packing = 8, (8, 16), True
-  assert pipeline.pack_length(data) == 16
+  assert layout_lib.pack_length(data) == 16
   data.prefix_sharing = True
-  assert pipeline.pack_length(data) == 32
+  assert layout_lib.pack_length(data) == 32
   data.pack_length = 24
-  whole = list(pipeline.train_iterator(store, data, micro_batches=2, row_multiple=2))
-  halves = [list(pipeline.train_iterator(store, data, process_index=i, process_count=2,
+  whole = list(pipeline.train_iterator(store, data, layout_lib.from_config(data), micro_batches=2, row_multiple=2))
+  halves = [list(pipeline.train_iterator(store, data, layout_lib.from_config(data), process_index=i, process_count=2,
                                          micro_batches=2, row_multiple=2)) for i in (0, 1)]
   data.packing, data.prefix_sharing = False, False
-  plain = list(pipeline.train_iterator(store, data))  # the same global batches, padded
+  plain = list(pipeline.train_iterator(store, data, layout_lib.from_config(data)))  # the same global batches, padded
   assert len(whole) == len(halves[0]) == len(plain) == 4
   for batch, h0, h1, padded in zip(whole, *halves, plain):
     pairs = prefix_test._pairs_of(padded)  # pylint: disable=protected-access

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from isdaa_jax import defaults
+import train_test
 from isdaa_jax import config as config_lib
-from isdaa_jax import policy, sharding, train
+from isdaa_jax import defaults, sharding
+from isdaa_jax import layout as layout_lib
 from isdaa_jax.data import collate, pipeline, prefix
+from isdaa_jax.model import pair_logps
 from isdaa_jax.model.llama import Llama, LlamaConfig
-from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 
 VOCAB = 64
 
@@ -50,7 +51,7 @@ def test_row_layout_by_hand():
 
 def test_mask_hides_chosen_from_rejected_and_responses_from_the_prompt():
   seg = jnp.asarray([[1, 1, 2, 2, 3, 3, 0]])
-  m = np.asarray(prefix.attention_mask(seg))[0]
+  m = np.asarray(pair_logps.shared_attention_mask(seg))[0]
   expected = np.array([
       # keys: p  p  c  c  r  r  pad
       [1, 0, 0, 0, 0, 0, 0],  # prompt
@@ -77,17 +78,17 @@ def test_logps_and_gradients_equal_the_two_row_layout(attention, chunk):
   pairs = _pairs(6, empty_rejected=True)
   unshared = collate.collate_pairs(pairs, 16)
   shared = prefix.collate_shared(pairs, 24)
-  assert prefix.KEY in shared and prefix.KEY not in unshared
+  assert 'shared_input_ids' in shared and 'shared_input_ids' not in unshared
 
-  def objective(p, batch):
-    lp_w, lp_l, n_w, n_l = train.sequence_logps(graphdef, p, batch, chunk)
+  def objective(p, batch, layout):
+    lp_w, lp_l, n_w, n_l = layout.sequence_logps(nnx.merge(graphdef, p), batch, chunk)
     # Weights that differ per side and pair, so each log-prob's gradient is checked.
     w = jnp.arange(1.0, len(pairs) + 1)
     return jnp.sum(w * lp_w - 0.5 * w * lp_l), (lp_w, lp_l, n_w, n_l)
 
-  grad = jax.jit(jax.grad(objective, has_aux=True))
-  g_u, out_u = grad(params, unshared)
-  g_s, out_s = grad(params, shared)
+  grad = jax.jit(jax.grad(objective, has_aux=True), static_argnums=2)
+  g_u, out_u = grad(params, unshared, layout_lib.Padded((16,)))
+  g_s, out_s = grad(params, shared, layout_lib.PrefixShared((16,)))
   for name, a, b in zip(('lp_w', 'lp_l', 'n_w', 'n_l'), out_u, out_s):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
   assert float(out_s[3][1]) == 0.0  # the empty rejected response
@@ -108,31 +109,16 @@ def _config(**kw):
 
 
 def _train(cfg, batch, steps=2):
-  mesh = sharding.make_mesh(defaults.mesh_config(), devices=jax.devices()[:1])
-  _, graphdef, ps, params = policy.build_policy(cfg.model, mesh, cfg.seed)
-  reference = policy.build_reference(cfg, mesh, params, ps)
-  tx = make_optimizer(cfg.optimizer, cfg.train.num_steps)
-  abstract = jax.eval_shape(
-      lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-      params)
-  ss = train.state_shardings(tx, abstract, ps, mesh)
-  state = train.init_state(params, tx, ss)
-  step_cfg = train.StepConfig(loss=cfg.loss, reference=cfg.train.reference,
-                              logprob_chunk_size=cfg.model.logprob_chunk_size,
-                              grad_accum_steps=cfg.optimizer.grad_accum_steps)
-  compiled = train.compile_steps(graphdef, tx, learning_rate_schedule(cfg.optimizer, 10),
-                                 step_cfg, ss, ps, tuple(batch), mesh)
-  out = []
-  for _ in range(steps):
-    state, m = compiled.train_step(state, reference, sharding.global_batch(batch, mesh))
-    out.append({k: float(v) for k, v in m.items()})
-  return out
+  h = train_test.Harness(cfg, sharding.make_mesh(defaults.mesh_config(),
+                                                 devices=jax.devices()[:1]))
+  return [h.step(batch) for _ in range(steps)]
 
 
 def test_train_step_with_shared_rows_matches_two_rows_and_counts_fewer_tokens():
   pairs = _pairs(8, seed=1)
   cfg = _config(**{'optimizer.grad_accum_steps': 2})
   unshared = _train(cfg, collate.collate_pairs(pairs, 16))
+  cfg.data.prefix_sharing = True
   shared = _train(cfg, prefix.collate_shared(pairs, 32))
   for a, b in zip(unshared, shared):
     for key in ('loss', 'grad_norm', 'rewards/margins', 'logps/rejected'):
@@ -157,14 +143,14 @@ def test_pipeline_emits_shared_rows_of_one_global_length_per_batch():
   store = pipeline.PairStore(_pairs(32, seed=2))
   data = defaults.data_config()
   data.batch_size, data.length_buckets = 8, (8, 16)
-  plain = list(pipeline.train_iterator(store, data))
+  plain = list(pipeline.train_iterator(store, data, layout_lib.from_config(data)))
   data.prefix_sharing = True
-  halves = [list(pipeline.train_iterator(store, data, process_index=i, process_count=2))
+  halves = [list(pipeline.train_iterator(store, data, layout_lib.from_config(data), process_index=i, process_count=2))
             for i in (0, 1)]
   assert len(plain) == len(halves[0]) == 4
   for batch, h0, h1 in zip(plain, *halves):
-    seq_len = h0[prefix.KEY].shape[1]
-    assert h1[prefix.KEY].shape[1] == seq_len and seq_len in (8, 16, 32)
+    seq_len = h0['shared_input_ids'].shape[1]
+    assert h1['shared_input_ids'].shape[1] == seq_len and seq_len in (8, 16, 32)
     pairs = _pairs_of(batch)
     assert seq_len == min(b for b in (8, 16, 32) if b >= max(map(prefix.shared_length, pairs)))
     expected = prefix.collate_shared(pairs, seq_len)

@@ -12,7 +12,7 @@ from flax import nnx
 from configs import tiny
 from isdaa_jax import config as config_lib
 from isdaa_jax import defaults
-from isdaa_jax import reference_cache, score, train
+from isdaa_jax import reference_cache, score, scoring, train
 from isdaa_jax.errors import UserError
 from isdaa_jax.metrics_writer import read_metrics
 from isdaa_jax.model import hf
@@ -169,8 +169,8 @@ def _assert_same(got, expected, steps):
 class _CountScoring:
   def __init__(self, monkeypatch):
     self.calls = 0
-    self._score_pairs = score.score_pairs
-    monkeypatch.setattr(score, 'score_pairs', self)
+    self._score_pairs = scoring.score_pairs
+    monkeypatch.setattr(scoring, 'score_pairs', self)
 
   def __call__(self, *args, **kwargs):
     self.calls += 1

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from isdaa_jax import defaults
-from isdaa_jax import reference_cache, score, sharding
+from isdaa_jax import defaults, reference_cache, score, scoring, sharding
+from isdaa_jax import layout as layout_lib
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.data import prefix, sources
 from isdaa_jax.model import hf
@@ -83,8 +83,8 @@ def _run(tmp_path, rows, **kwargs):
 
 def test_scores_equal_a_direct_unbatched_computation(tmp_path, monkeypatch):
   traces = []
-  forward = score._forward
-  monkeypatch.setattr(score, '_forward', lambda *a: traces.append(1) or forward(*a))
+  forward = scoring._forward
+  monkeypatch.setattr(scoring, '_forward', lambda *a: traces.append(1) or forward(*a))
   rows = _id_rows()
   out, summary = _run(tmp_path, rows, reference=REFERENCE)
   assert summary['kept'] == len(rows) == len(out)
@@ -201,13 +201,16 @@ def test_command_line(tmp_path):
                              atol=1e-5)
 
 
-def test_prefix_shared_scoring_equals_padded_scoring():
+@pytest.mark.parametrize('layout', [layout_lib.PrefixShared((16, 32)),
+                                    layout_lib.Packed(40, shared=False),
+                                    layout_lib.Packed(64, shared=True)])
+def test_prefix_shared_and_packed_scoring_equal_padded_scoring(layout):
   pairs = _id_rows(n=7, seed=3)
   mesh = sharding.make_mesh(defaults.get_config().mesh, jax.devices()[:2])
-  kwargs = dict(batch_size=4, length_buckets=(16, 32), chunk_size=8, progress=False)
+  kwargs = dict(batch_size=4, chunk_size=8, progress=False)
   model = hf.load_model(POLICY, _config().model, mesh)
-  padded = score.score_pairs(model, pairs, mesh, **kwargs)
-  shared = score.score_pairs(model, pairs, mesh, prefix_sharing=True, **kwargs)
+  padded = scoring.score_pairs(model, pairs, mesh, layout=layout_lib.Padded((16, 32)), **kwargs)
+  other = scoring.score_pairs(model, pairs, mesh, layout=layout, **kwargs)
   for name in ('chosen_logps', 'rejected_logps', 'chosen_tokens', 'rejected_tokens'):
-    np.testing.assert_allclose(getattr(shared, name), getattr(padded, name), rtol=1e-5,
+    np.testing.assert_allclose(getattr(other, name), getattr(padded, name), rtol=1e-5,
                                atol=1e-4, err_msg=name)

@@ -79,9 +79,9 @@ def test_sharded_and_unsharded_logits_and_grads_agree():
 
   def run(mesh):
     model = Llama(cfg, rngs=nnx.Rngs(0))
-    sharding.shard_model(model, mesh)
-    gb = sharding.global_batch(batch, mesh)
     graphdef, state = nnx.split(model)
+    state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    gb = sharding.global_batch(batch, mesh)
 
     @jax.jit
     def f(state, gb):

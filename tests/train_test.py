@@ -1,19 +1,13 @@
 """The jitted sharded train step: device-count invariance, accumulation, importance weights."""
 
-import copy
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from isdaa_jax import defaults
 from isdaa_jax import config as config_lib
-from isdaa_jax import losses, policy, sharding, throughput, train
+from isdaa_jax import defaults, policy, sharding, throughput, train
+from isdaa_jax import reference as reference_lib
 from isdaa_jax.data import collate
-from isdaa_jax.model.llama import Llama, LlamaConfig
-from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 
 VOCAB = 64
 
@@ -42,31 +36,18 @@ def _config(**kw):
 
 
 class Harness:
-  """The pieces `train.run` wires together, for driving the step directly."""
+  """`train.setup`'s step driven directly, with the starting weights and reference of `train.run`."""
 
   def __init__(self, cfg, mesh):
     self.mesh = mesh
-    self.model_cfg, graphdef, ps, params = policy.build_policy(cfg.model, mesh, cfg.seed)
-    self.reference = policy.build_reference(cfg, mesh, params, ps)
-    tx = make_optimizer(cfg.optimizer, cfg.train.num_steps)
-    abstract = jax.eval_shape(
-        lambda p: train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-        params)
-    ss = train.state_shardings(tx, abstract, ps, mesh)
-    self.state = train.init_state(params, tx, ss)
-    step_cfg = train.StepConfig(loss=cfg.loss, reference=cfg.train.reference,
-                                logprob_chunk_size=cfg.model.logprob_chunk_size,
-                                grad_accum_steps=cfg.optimizer.grad_accum_steps)
-    self.batch_keys = None
-    self._args = (graphdef, tx, learning_rate_schedule(cfg.optimizer, cfg.train.num_steps),
-                  step_cfg, ss, ps if self.reference else {})
-    self.graphdef = graphdef
-    self.compiled = None
+    self.setup = train.setup(cfg, mesh)
+    self.model_cfg, self.graphdef = self.setup.model_cfg, self.setup.graphdef
+    params = policy.load_params(cfg.model, mesh, cfg.seed, self.setup.params_sharding)
+    self.reference = reference_lib.build(cfg, mesh, params, self.setup.params_sharding)
+    self.state = self.setup.init_state(params)
 
   def step(self, local_batch):
-    if self.compiled is None:
-      self.compiled = train.compile_steps(*self._args, tuple(local_batch), self.mesh)
-    self.state, metrics = self.compiled.train_step(
+    self.state, metrics = self.setup.train_step(
         self.state, self.reference, sharding.global_batch(local_batch, self.mesh))
     return {k: float(v) for k, v in metrics.items()}
 
@@ -138,7 +119,8 @@ def test_importance_weights_drop_below_one_after_drift_and_are_ones_when_disable
 def test_precomputed_reference_matches_in_step_reference():
   model_ref = Harness(_config(), _mesh((1, 1, 1)))
   graphdef = model_ref.graphdef
-  lp_w, lp_l, _, _ = train.sequence_logps(graphdef, model_ref.reference, BATCH, 0)
+  lp_w, lp_l, _, _ = train.sequence_logps(graphdef, model_ref.reference, BATCH,
+                                         model_ref.setup.step)
   batch = dict(BATCH, reference_chosen_logps=np.asarray(lp_w),
                reference_rejected_logps=np.asarray(lp_l))
   pre = Harness(_config(**{'train.reference': 'precomputed'}), _mesh((1, 1, 1)))

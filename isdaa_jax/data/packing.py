@@ -1,6 +1,6 @@
 """Padding-free packing: the sequences of several pairs laid end to end in rows of fixed length.
 
-With `config.data.packing` a batch of G pairs becomes R rows of L tokens (`data.pack_length`)
+With `config.data.packing` a batch of G pairs becomes R rows of T tokens (`data.pack_length`)
 holding *units*: a pair's prefix-shared row (prompt, chosen, rejected; `prefix.py`) with
 `data.prefix_sharing`, else its two sequences prompt + chosen and prompt + rejected, which may
 land in different rows. Units are placed first-fit in decreasing length, so padding is only what
@@ -8,19 +8,19 @@ is left at the end of a row; positions restart in every unit. R is the fewest ro
 needs, rounded up to `row_multiple` (the data-parallel devices): batches of one R share one
 compiled step.
 
-Batch keys ([R, L] int32 unless noted):
+Batch keys ([R, T] int32 unless noted):
   packed_input_ids, packed_positions, packed_targets (the token each position predicts within its
       own unit's sequence), packed_segment_ids (1, 2, ... per unit in a row; 0 = padding),
   packed_roles        prefix.PROMPT / CHOSEN / REJECTED per token of a shared unit; CHOSEN or
                       REJECTED for every token of an unshared sequence (its prompt included),
   packed_chosen_pair  index in [0, G) of the pair whose chosen log-prob this position's
                       prediction belongs to; G where none (likewise packed_rejected_pair),
-  [G] packed_rejected_first_index  flat index r * L + t of a shared unit's last prompt token,
+  [G] packed_rejected_first_index  flat index r * T + t of a shared unit's last prompt token,
       which also predicts the rejected response's first token (0 and mask 0 when unshared),
   [G] packed_rejected_first, packed_rejected_first_mask,
   [G] float32 log-prob columns of `collate.LOGP_COLUMNS`.
 
-Attention (`attention_mask`): causal, within a unit, and from a response only to its own role or
+Attention (`model/pair_logps.packed_attention_mask`): causal, within a unit, and from a response only to its own role or
 the prompt: the prefix-shared rule per unit, and plain causal attention in an unshared sequence.
 
 Gradient accumulation (`micro_batches` = n): micro-batch i takes pairs i, i+n, ... (the train
@@ -31,14 +31,10 @@ indices and flat indices local to it.
 
 from typing import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from isdaa_jax.data import collate, prefix
-from isdaa_jax.model import logprobs
 
-KEY = 'packed_input_ids'  # present exactly when a batch has the packed layout
 _ROW_KEYS = ('input_ids', 'positions', 'targets', 'segment_ids', 'roles', 'chosen_pair',
              'rejected_pair')
 
@@ -159,53 +155,10 @@ def local_rows(batch: Mapping[str, np.ndarray], start: int, stop: int,
                batch_size: int) -> dict[str, np.ndarray]:
   """This process's share of a global packed batch: pairs [start, stop) of `batch_size` and the
   same fraction of the rows (contiguous, so the processes' rows assemble into the global array)."""
-  num_rows = batch[KEY].shape[0]
+  num_rows = batch['packed_input_ids'].shape[0]
   if (num_rows * start) % batch_size:
     raise ValueError(f'{num_rows} packed rows do not split over the processes; packing rounds rows '
                      'to the data-parallel size, which must be a multiple of the process count')
   r0, r1 = num_rows * start // batch_size, num_rows * stop // batch_size
   row_keys = {f'packed_{key}' for key in _ROW_KEYS}
   return {k: v[r0:r1] if k in row_keys else v[start:stop] for k, v in batch.items()}
-
-
-def attention_mask(segment_ids_BT: jax.Array, roles_BT: jax.Array) -> jax.Array:
-  """[B, T, T] bool: causal, within a unit, and onto the key's own role or the prompt.
-
-  Padding queries see the row's first key (never a fully masked row, which some fused kernels
-  turn into NaN); nothing reads their outputs.
-  """
-  t = segment_ids_BT.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  seg_q, seg_k = segment_ids_BT[:, :, None], segment_ids_BT[:, None, :]
-  role_q, role_k = roles_BT[:, :, None], roles_BT[:, None, :]
-  visible = (seg_k == seg_q) & (seg_k != 0) & ((role_k == role_q) | (role_k == prefix.PROMPT))
-  padding_query = (seg_q == 0) & (jnp.arange(t)[None, None, :] == 0)
-  return causal[None] & (visible | padding_query)
-
-
-def sequence_logps(model, batch: Mapping[str, jax.Array], chunk_size: int):
-  """(lp_w, lp_l, n_w, n_l), each [G]: summed response log-probs and token counts of a packed
-  batch under `model` (a Llama), as `train.sequence_logps` gives for the unpacked layouts."""
-  seg, roles = batch['packed_segment_ids'], batch['packed_roles']
-  hidden_RLD = model(batch[KEY], batch['packed_positions'], seg,
-                     attention_mask_BTT=attention_mask(seg, roles))
-  unembed_DV = model.unembedding()
-  logps_RL = logprobs.token_logps(hidden_RLD, unembed_DV, batch['packed_targets'], chunk_size)
-  g = batch['packed_rejected_first'].shape[0]
-
-  def per_pair(values, pair_ids):
-    # Index g collects the positions that belong to no pair; it is dropped.
-    return jax.ops.segment_sum(values.reshape(-1), pair_ids.reshape(-1), num_segments=g + 1)[:g]
-
-  ones = jnp.ones_like(logps_RL)
-  r, l, d = hidden_RLD.shape
-  last_G1D = jnp.take(hidden_RLD.reshape(r * l, d), batch['packed_rejected_first_index'],
-                      axis=0)[:, None]
-  first_G = logprobs.token_logps(last_G1D, unembed_DV, batch['packed_rejected_first'][:, None],
-                                 0)[:, 0]
-  first_mask = batch['packed_rejected_first_mask'].astype(jnp.float32)
-  lp_w = per_pair(logps_RL, batch['packed_chosen_pair'])
-  lp_l = per_pair(logps_RL, batch['packed_rejected_pair']) + first_G * first_mask
-  n_w = per_pair(ones, batch['packed_chosen_pair'])
-  n_l = per_pair(ones, batch['packed_rejected_pair']) + first_mask
-  return lp_w, lp_l, n_w, n_l

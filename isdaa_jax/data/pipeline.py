@@ -1,9 +1,10 @@
 """The Grain input pipeline: parsed, tokenized pairs to fixed-shape, per-process local batches.
 
   data = pipeline.load(config.data, model_path=config.model.path, vocab_size=V)
-  it = pipeline.train_iterator(data.train, config.data)     # dicts of numpy arrays (collate.py)
+  layout = isdaa_jax.layout.from_config(config.data)        # padded, prefix-shared or packed
+  it = pipeline.train_iterator(data.train, config.data, layout)   # dicts of numpy arrays
   state = it.get_state(); ...; it.set_state(state)           # saved with the checkpoint
-  for batch in pipeline.eval_iterator(data.eval, config.data): ...   # when data.eval is not None
+  for batch in pipeline.eval_iterator(data.eval, config.data, layout): ...   # when data.eval is not None
   data.summary   # {'train': {'rows', 'kept', 'dropped': {reason: n}, 'truncated': {...}}, 'eval': ...}
 
 Every process parses and tokenizes the whole split (so drop counts are global and every process
@@ -15,6 +16,7 @@ batches always assemble into one global array. The last incomplete global batch 
 """
 
 import collections
+import copy
 import dataclasses
 from typing import Iterator, Mapping, Sequence
 
@@ -23,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from isdaa_jax.data import collate, packing, prefix, sources
+from isdaa_jax.data import collate, sources
 from isdaa_jax.data.sources import DataSourceError
 from isdaa_jax.data.tokenize import PairTokenizer
 
@@ -61,6 +63,17 @@ class PairStore:
             for key in _IDS}
     pair.update({col: float(v[i]) for col, v in self.columns.items()})
     return pair
+
+  def with_columns(self, columns: Mapping[str, np.ndarray]) -> 'PairStore':
+    """A new store with the same pairs and these float32 [N] log-prob columns added (or
+    replaced); this one is left as it is."""
+    for name, values in columns.items():
+      if name not in collate.LOGP_COLUMNS or np.shape(values) != (len(self),):
+        raise ValueError(f'column {name!r} of shape {np.shape(values)} is not a log-prob column '
+                         f'of {len(self)} pairs')
+    new = copy.copy(self)
+    new.columns = {**self.columns, **{k: np.asarray(v, np.float32) for k, v in columns.items()}}
+    return new
 
   def subset(self, indices: Sequence[int]) -> 'PairStore':
     return PairStore([self[int(i)] for i in indices])
@@ -190,44 +203,22 @@ def _eval_rows(data: ml_collections.ConfigDict) -> Sequence[Mapping] | None:
   return sources.read_rows(data, data.eval_split)
 
 
-def pack_length(data: ml_collections.ConfigDict) -> int:
-  """Row length of packed batches: `data.pack_length`, else the largest bucket of the layout."""
-  buckets = tuple(data.length_buckets)
-  return data.pack_length or max(prefix.shared_buckets(buckets) if data.prefix_sharing
-                                 else buckets)
-
-
 class _LocalBatch:
-  """Global batch of pair indices -> this process's rows, padded to the global batch's bucket
-  (in the prefix-shared layout of `prefix.py` when `data.prefix_sharing`), or packed
-  (`packing.py`) when `data.packing`."""
+  """Global batch of pair indices -> this process's rows in `layout` (`isdaa_jax.layout`), shaped
+  by the whole global batch so the processes' local batches assemble into one global array."""
 
-  def __init__(self, pairs: PairStore, start: int, stop: int, data: ml_collections.ConfigDict,
-               micro_batches: int, row_multiple: int):
-    self._pairs, self._start, self._stop = pairs, start, stop
-    self._buckets = tuple(data.length_buckets)
-    self._prefix_sharing = data.prefix_sharing
-    self._pack_length = pack_length(data) if data.packing else 0
+  def __init__(self, pairs: PairStore, layout, start: int, stop: int, micro_batches: int,
+               row_multiple: int):
+    self._pairs, self._layout, self._start, self._stop = pairs, layout, start, stop
     self._micro_batches, self._row_multiple = micro_batches, row_multiple
 
   def __call__(self, indices_G: np.ndarray) -> dict[str, np.ndarray]:
-    if self._pack_length:
-      # Every process packs the whole global batch alike and keeps its share of rows and pairs.
-      batch = packing.collate_packed([self._pairs[int(i)] for i in indices_G], self._pack_length,
-                                     shared=self._prefix_sharing,
-                                     micro_batches=self._micro_batches,
-                                     row_multiple=self._row_multiple)
-      return packing.local_rows(batch, self._start, self._stop, len(indices_G))
-    local = indices_G[self._start:self._stop]
-    if self._prefix_sharing:
-      longest = max(prefix.shared_length(self._pairs[int(i)]) for i in indices_G)
-      seq_len = collate.bucket_for(longest, prefix.shared_buckets(self._buckets))
-      return prefix.collate_shared([self._pairs[int(i)] for i in local], seq_len)
-    seq_len = collate.bucket_for(int(self._pairs.lengths[indices_G].max()), self._buckets)
-    return collate.collate_pairs([self._pairs[int(i)] for i in local], seq_len)
+    return self._layout.collate([self._pairs[int(i)] for i in indices_G], self._start,
+                                self._stop, micro_batches=self._micro_batches,
+                                row_multiple=self._row_multiple)
 
 
-def _local_batch(pairs, data, process_index, process_count, micro_batches,
+def _local_batch(pairs, layout, data, process_index, process_count, micro_batches,
                  row_multiple) -> _LocalBatch:
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -235,7 +226,7 @@ def _local_batch(pairs, data, process_index, process_count, micro_batches,
     raise DataSourceError(f'config.data.batch_size={data.batch_size} must be divisible by the '
                           f'number of JAX processes ({count})')
   local = data.batch_size // count
-  return _LocalBatch(pairs, index * local, (index + 1) * local, data, micro_batches,
+  return _LocalBatch(pairs, layout, index * local, (index + 1) * local, micro_batches,
                      row_multiple or count)
 
 
@@ -261,7 +252,7 @@ def steps_per_epoch(pairs: PairStore, data: ml_collections.ConfigDict) -> int:
   return len(pairs) // data.batch_size
 
 
-def train_dataset(pairs: PairStore, data: ml_collections.ConfigDict, *,
+def train_dataset(pairs: PairStore, data: ml_collections.ConfigDict, layout, *,
                   process_index: int | None = None, process_count: int | None = None,
                   micro_batches: int = 1, row_multiple: int = 0) -> grain.MapDataset:
   """Shuffled (per epoch), repeated `num_epochs` times, batched, this process's rows collated.
@@ -273,24 +264,24 @@ def train_dataset(pairs: PairStore, data: ml_collections.ConfigDict, *,
   _check_size(pairs, data, 'train')
   ds = grain.MapDataset.range(len(pairs)).shuffle(seed=data.shuffle_seed)
   ds = ds.repeat(data.num_epochs).batch(data.batch_size, drop_remainder=True)
-  return ds.map(_local_batch(pairs, data, process_index, process_count, micro_batches,
+  return ds.map(_local_batch(pairs, layout, data, process_index, process_count, micro_batches,
                              row_multiple))
 
 
-def train_iterator(pairs: PairStore, data: ml_collections.ConfigDict, *,
+def train_iterator(pairs: PairStore, data: ml_collections.ConfigDict, layout, *,
                    process_index: int | None = None, process_count: int | None = None,
                    micro_batches: int = 1, row_multiple: int = 0) -> grain.DatasetIterator:
   """Local train batches; `get_state()`/`set_state()` resume exactly where they left off."""
-  return _iterator(train_dataset(pairs, data, process_index=process_index,
+  return _iterator(train_dataset(pairs, data, layout, process_index=process_index,
                                  process_count=process_count, micro_batches=micro_batches,
                                  row_multiple=row_multiple), data)
 
 
-def eval_iterator(pairs: PairStore, data: ml_collections.ConfigDict, *,
+def eval_iterator(pairs: PairStore, data: ml_collections.ConfigDict, layout, *,
                   process_index: int | None = None, process_count: int | None = None,
                   row_multiple: int = 0) -> grain.DatasetIterator:
   """One pass in file order, no shuffle; a fresh iterator per evaluation."""
   _check_size(pairs, data, 'eval')
   ds = grain.MapDataset.range(len(pairs)).batch(data.batch_size, drop_remainder=True)
-  return _iterator(ds.map(_local_batch(pairs, data, process_index, process_count, 1,
+  return _iterator(ds.map(_local_batch(pairs, layout, data, process_index, process_count, 1,
                                        row_multiple)), data)

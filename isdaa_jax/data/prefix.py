@@ -14,24 +14,20 @@ predicting l_1 .. l_{Rl-1}); [B] int32 `shared_prompt_last` (index P-1), `shared
 (l_0) and `shared_rejected_first_mask` (0 for an empty rejected response); plus the [B] float32
 log-prob columns of `collate.LOGP_COLUMNS`.
 
-Attention (`attention_mask`) is causal and lets a token see its own segment and the prompt only:
+Attention (`model/pair_logps.shared_attention_mask`) is causal and lets a token see its own segment and the prompt only:
 the rejected tokens never see the chosen ones, and with positions restarting after the prompt
 every response token computes what it computes in its own unshared row. The one prediction a
 row cannot hold is l_0: it comes from the last prompt token, whose target slot already predicts
-w_0, so `sequence_logps` scores it from that position's hidden state separately.
+w_0, so `model/pair_logps.prefix_shared` scores it from that position's hidden state separately.
 """
 
 from typing import Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from isdaa_jax.data import collate
-from isdaa_jax.model import logprobs
 
 PROMPT, CHOSEN, REJECTED = 1, 2, 3
-KEY = 'shared_input_ids'  # present exactly when a batch has the prefix-shared layout
 
 
 def shared_length(pair: Mapping) -> int:
@@ -87,34 +83,3 @@ def collate_shared(pairs: Sequence[Mapping], seq_len: int) -> dict[str, np.ndarr
     if all(col in p and p[col] is not None for p in pairs):
       out[col] = np.asarray([p[col] for p in pairs], np.float32)
   return out
-
-
-def attention_mask(segment_ids_BT: jax.Array) -> jax.Array:
-  """[B, T, T] bool: causal; a key is visible in its own segment or when it is a prompt token.
-
-  Padding queries see the prompt (never a fully masked row, which some fused kernels turn into
-  NaN); nothing reads their outputs.
-  """
-  t = segment_ids_BT.shape[1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  q, k = segment_ids_BT[:, :, None], segment_ids_BT[:, None, :]
-  return causal[None] & (k != 0) & ((k == q) | (k == PROMPT))
-
-
-def sequence_logps(model, batch: Mapping[str, jax.Array], chunk_size: int):
-  """(lp_w, lp_l, n_w, n_l), each [B]: summed response log-probs and token counts of a
-  prefix-shared batch under `model` (a Llama), as `train.sequence_logps` gives for two rows."""
-  seg = batch['shared_segment_ids']
-  hidden_BTD = model(batch['shared_input_ids'], batch['shared_positions'], seg,
-                     attention_mask_BTT=attention_mask(seg))
-  unembed_DV = model.unembedding()
-  logps_BT = logprobs.token_logps(hidden_BTD, unembed_DV, batch['shared_targets'], chunk_size)
-  last_B1D = jnp.take_along_axis(hidden_BTD, batch['shared_prompt_last'][:, None, None], axis=1)
-  first_B = logprobs.token_logps(last_B1D, unembed_DV, batch['shared_rejected_first'][:, None],
-                                 0)[:, 0]
-  chosen = batch['shared_chosen_mask'].astype(jnp.float32)
-  rejected = batch['shared_rejected_mask'].astype(jnp.float32)
-  first_mask = batch['shared_rejected_first_mask'].astype(jnp.float32)
-  lp_w = jnp.sum(logps_BT * chosen, axis=-1)
-  lp_l = jnp.sum(logps_BT * rejected, axis=-1) + first_B * first_mask
-  return lp_w, lp_l, jnp.sum(chosen, axis=-1), jnp.sum(rejected, axis=-1) + first_mask

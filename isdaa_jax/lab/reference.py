@@ -8,23 +8,17 @@ from flax import nnx
 
 from isdaa_jax.data import collate
 from isdaa_jax.lab.task import Task
-from isdaa_jax.model import logprobs
+from isdaa_jax.model import pair_logps
 from isdaa_jax.model.llama import Llama, LlamaConfig
 
 
 def _nll(model, batch):
-  hidden = model(batch['chosen_input_ids'], batch['chosen_positions'], batch['chosen_segment_ids'])
-  lp, n = logprobs.sequence_logps(hidden, model.unembedding(), batch['chosen_targets'],
-                                  batch['chosen_loss_mask'], 0)
+  lp, n = pair_logps.side(model, batch, 'chosen', 0)
   return -jnp.sum(lp) / jnp.sum(n)
 
 
 def train_reference(task: Task, model_cfg: LlamaConfig, sft_config, seed: int):
-  """Returns (reference model, final token NLL on the last batch, NLL of the demo source).
-
-  The demonstrations' own per-token entropy is the floor the NLL can reach; the gap says how
-  well the reference learned the distribution it will sample preference data from.
-  """
+  """Returns (reference model, token NLL of its last training batch)."""
   rng = np.random.default_rng(seed)
   prompts = task.sample_prompts(rng, sft_config.num_demos)
   responses = task.sample_demonstrations(rng, prompts)

@@ -144,12 +144,13 @@ def _cudnn(q, k, v, mask):
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation='cudnn')
 
 
+_IMPLEMENTATIONS = {'xla': _xla, 'blocked': _blocked, 'cudnn': _cudnn}
+# The choices of config.model.attention.
+IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
+
+
 def attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, implementation: str):
-  if implementation == 'xla':
-    return _xla(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  if implementation == 'blocked':
-    return _blocked(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  if implementation == 'cudnn':
-    return _cudnn(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  raise UserError(f"config.model.attention={implementation!r} is not one of 'xla', 'blocked', "
-                   "'cudnn'")
+  if implementation not in _IMPLEMENTATIONS:
+    raise UserError(f'config.model.attention={implementation!r} is not one of '
+                    f'{", ".join(map(repr, IMPLEMENTATIONS))}')
+  return _IMPLEMENTATIONS[implementation](q_BTNH, k_BSKH, v_BSKH, mask_BTS)

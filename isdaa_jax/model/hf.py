@@ -69,9 +69,9 @@ def _hf_shape(layout: str, shape: tuple) -> tuple:
     return shape
   if layout == 'transpose':
     return shape[::-1]
-  if layout == 'heads_in':  # [D, N, Dh] <- W [N*Dh, D]
+  if layout == 'heads_in':  # [D, N, H] <- W [N*H, D]
     return (shape[1] * shape[2], shape[0])
-  return (shape[2], shape[0] * shape[1])  # heads_out: [N, Dh, D] <- W [D, N*Dh]
+  return (shape[2], shape[0] * shape[1])  # heads_out: [N, H, D] <- W [D, N*H]
 
 
 def _read_block(w: np.ndarray, layout: str, shape: tuple, idx: tuple) -> np.ndarray:
@@ -83,11 +83,11 @@ def _read_block(w: np.ndarray, layout: str, shape: tuple, idx: tuple) -> np.ndar
   if layout == 'heads_in':
     d, n, k = idx
     dh = shape[2]
-    rows = w[n.start * dh:n.stop * dh, d]  # [n*Dh, d]
+    rows = w[n.start * dh:n.stop * dh, d]  # [n*H, d]
     return rows.T.reshape(d.stop - d.start, n.stop - n.start, dh)[:, :, k]
   n, k, d = idx
   dh = shape[1]
-  cols = w[d, n.start * dh:n.stop * dh]  # [d, n*Dh]
+  cols = w[d, n.start * dh:n.stop * dh]  # [d, n*H]
   return cols.T.reshape(n.stop - n.start, dh, d.stop - d.start)[:, k, :]
 
 
@@ -297,12 +297,6 @@ def load_reward_model(path_or_hub_id: str, model_config, mesh: Mesh) -> tuple[Ll
   cfg = dataclasses.replace(load_config(folder, model_config), tie_word_embeddings=True)
   model, tensors = _load(folder, cfg, mesh, extra=(SCORE_TENSOR,))
   return model, _load_head(tensors, cfg, mesh)
-
-
-def load_reward_head(path_or_hub_id: str, mesh: Mesh, model_config=None) -> jax.Array:
-  """Only the `score.weight` head of a LlamaForSequenceClassification checkpoint, as [D, labels]."""
-  folder = resolve(path_or_hub_id)
-  return _load_head(_Tensors(folder), load_config(folder, model_config), mesh)
 
 
 def _load_head(tensors: _Tensors, cfg: LlamaConfig, mesh: Mesh) -> jax.Array:

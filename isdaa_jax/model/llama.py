@@ -4,10 +4,10 @@ Parameters, with their Hugging Face names (W is HF's [out, in] Linear weight) an
 
   embed            [V, D]         model.embed_tokens.weight                  (vocab, embed)
   layers.attn_norm [L, D]         model.layers.i.input_layernorm.weight      (layers, embed)
-  layers.wq        [L, D, H, Dh]  model.layers.i.self_attn.q_proj.weight: W.T.reshape(D, H, Dh)
-  layers.wk        [L, D, K, Dh]  model.layers.i.self_attn.k_proj.weight: W.T.reshape(D, K, Dh)
-  layers.wv        [L, D, K, Dh]  model.layers.i.self_attn.v_proj.weight: W.T.reshape(D, K, Dh)
-  layers.wo        [L, H, Dh, D]  model.layers.i.self_attn.o_proj.weight: W.T.reshape(H, Dh, D)
+  layers.wq        [L, D, N, H]   model.layers.i.self_attn.q_proj.weight: W.T.reshape(D, N, H)
+  layers.wk        [L, D, K, H]   model.layers.i.self_attn.k_proj.weight: W.T.reshape(D, K, H)
+  layers.wv        [L, D, K, H]   model.layers.i.self_attn.v_proj.weight: W.T.reshape(D, K, H)
+  layers.wo        [L, N, H, D]   model.layers.i.self_attn.o_proj.weight: W.T.reshape(N, H, D)
   layers.mlp_norm  [L, D]         model.layers.i.post_attention_layernorm.weight
   layers.w_gate    [L, D, F]      model.layers.i.mlp.gate_proj.weight: W.T
   layers.w_up      [L, D, F]      model.layers.i.mlp.up_proj.weight: W.T
@@ -49,6 +49,9 @@ _REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+# The choices of config.model.remat.
+REMAT_CHOICES = ('none',) + tuple(_REMAT_POLICIES)
+DTYPES = tuple(_DTYPES)
 
 _LLAMA3_ROPE = dict(rope_type='llama3', low_freq_factor=1.0, high_freq_factor=4.0,
                     original_max_position_embeddings=8192)
@@ -166,7 +169,7 @@ def execution_policy(model_config) -> dict:
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> Array:
-  """Inverse frequencies [Dh/2], with Llama-3 wavelength-dependent scaling when configured."""
+  """Inverse frequencies [H/2], with Llama-3 wavelength-dependent scaling when configured."""
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32)
                                        / cfg.head_dim))
   rs = cfg.rope_scaling
@@ -185,7 +188,7 @@ def rope_inv_freq(cfg: LlamaConfig) -> Array:
 
 
 def rope_tables(cfg: LlamaConfig, positions_BT: Array):
-  """cos, sin of shape [B, T, Dh], computed in float32."""
+  """cos, sin of shape [B, T, H], computed in float32."""
   freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)
   emb_BTD = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
   return jnp.cos(emb_BTD), jnp.sin(emb_BTD)
@@ -216,15 +219,15 @@ class DecoderLayers(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pd = _DTYPES[cfg.param_dtype]
     p = lambda shape, axes, fan_in: nnx.Param(_init(rngs.params(), shape, pd, fan_in),
                                               logical_axes=axes)
     self.attn_norm = nnx.Param(jnp.ones((L, D), pd), logical_axes=('layers', 'embed'))
-    self.wq = p((L, D, H, Dh), ('layers', 'embed', 'q_heads', 'head_dim'), D)
-    self.wk = p((L, D, K, Dh), ('layers', 'embed', 'kv_heads', 'head_dim'), D)
-    self.wv = p((L, D, K, Dh), ('layers', 'embed', 'kv_heads', 'head_dim'), D)
-    self.wo = p((L, H, Dh, D), ('layers', 'q_heads', 'head_dim', 'embed'), H * Dh)
+    self.wq = p((L, D, N, H), ('layers', 'embed', 'q_heads', 'head_dim'), D)
+    self.wk = p((L, D, K, H), ('layers', 'embed', 'kv_heads', 'head_dim'), D)
+    self.wv = p((L, D, K, H), ('layers', 'embed', 'kv_heads', 'head_dim'), D)
+    self.wo = p((L, N, H, D), ('layers', 'q_heads', 'head_dim', 'embed'), N * H)
     self.mlp_norm = nnx.Param(jnp.ones((L, D), pd), logical_axes=('layers', 'embed'))
     self.w_gate = p((L, D, F), ('layers', 'embed', 'mlp'), D)
     self.w_up = p((L, D, F), ('layers', 'embed', 'mlp'), D)
@@ -332,7 +335,7 @@ class Llama(nnx.Module):
     return rms_norm(x, self.final_norm.get_value(), cfg.rms_norm_eps), new_kv
 
   def init_cache(self, batch: int, max_len: int) -> dict:
-    """An empty KV cache for `decode`: keys/values [L, B, S, K, Dh] and key segment ids [B, S]."""
+    """An empty KV cache for `decode`: keys/values [L, B, S, K, H] and key segment ids [B, S]."""
     cfg = self.cfg
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return dict(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
