@@ -149,7 +149,7 @@ def _tiny(num_steps, **overrides):
 
 
 _COMPARED = ('loss', 'rewards/margins', 'grad_norm', 'is/weight_mean', 'kl/policy_ref_chosen',
-             'eval/loss')
+             'logps/chosen', 'eval/loss')
 
 
 def _metrics(workdir):
@@ -163,7 +163,11 @@ def _assert_same(got, expected, steps):
   for step in steps:
     assert set(got[step]) == set(expected[step]), step
     for k, v in expected[step].items():
-      assert got[step][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (step, k)
+      # kl/policy_ref_chosen is a difference of two summed log-probs of |logps/chosen| nats, each
+      # exact to float32 rounding of that size (the cached sums come from other batch shapes):
+      # its error scales with the sums, not with the small difference.
+      floor = 1e-6 * max(1.0, abs(expected[step]['logps/chosen'])) if k.startswith('kl/') else 1e-6
+      assert got[step][k] == pytest.approx(v, rel=1e-5, abs=floor), (step, k)
 
 
 class _CountScoring:
