@@ -73,8 +73,16 @@ def test_unreadable_latest_falls_back_to_previous(tmp_path):
   restored = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False),
                                      True).restore_latest(_abstract(), _iterator())
   assert int(restored['step']) == 1
-  # The damaged checkpoint is left in place for inspection, never deleted or overwritten.
-  assert state_dir.exists()
+  # The damaged checkpoint is moved out of Orbax's view (kept for inspection), so retention can
+  # never keep it over the good one and step 2 is saved afresh.
+  assert not state_dir.exists()
+  moved = list((tmp_path / 'checkpoints_corrupt').glob('2.*'))
+  assert len(moved) == 1 and (moved[0] / 'state').is_dir()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False), True)
+  assert ck.all_steps() == [1]
+  assert ck.save(2, _state(2), _iterator(), {}, force=True)
+  ck.wait()
+  assert ck.all_steps() == [1, 2]
 
 
 def test_no_checkpoint_gives_none(tmp_path):
@@ -143,3 +151,52 @@ def test_process_killed_mid_save_restores_the_previous_checkpoint(tmp_path):
           force=True)
   ck.wait()
   assert ck.all_steps() == [1, 2]
+
+
+_REPO = pathlib.Path(__file__).parents[1]
+
+
+def _main(workdir, num_steps):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run(
+      [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+       f'--config.train.num_steps={num_steps}', '--config.checkpoint.every_steps=5',
+       '--config.checkpoint.export_hf=False', '--config.train.progress_bar=False'],
+      cwd=_REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _truncate_largest(step_dir):
+  largest = max((f for f in (step_dir / 'state').rglob('*') if f.is_file()),
+                key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+
+
+def _steps(workdir):
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def test_corrupt_checkpoint_never_kept_over_good_one(tmp_path):
+  """Issue #13: after falling back past a truncated step 10, step 10 is saved afresh and the
+  good step 5 is never deleted in favour of the corrupt one; a second corruption resumes from
+  the right good step."""
+  wd = tmp_path / 'run'
+  res = _main(wd, 10)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert _steps(wd) == [5, 10]
+  _truncate_largest(wd / 'checkpoints' / '10')
+
+  res = _main(wd, 15)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'Traceback' not in res.stderr
+  warnings = [l for l in res.stderr.splitlines() if 'was unreadable' in l]
+  assert len(warnings) == 1 and 'resumes from step 5' in warnings[0], res.stderr[-3000:]
+  assert _steps(wd) == [10, 15]  # 10 re-saved from the resumed run, not the corrupt copy
+  assert len(list((wd / 'checkpoints_corrupt').glob('10.*'))) == 1
+
+  # Corrupt 15 as well: the run resumes from the re-saved (good) 10, not from scratch or 5.
+  _truncate_largest(wd / 'checkpoints' / '15')
+  res = _main(wd, 20)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'resumes from step 10' in res.stderr, res.stderr[-3000:]
+  assert _steps(wd) == [15, 20]
+  assert len(list((wd / 'checkpoints_corrupt').glob('15.*'))) == 1
