@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from isdaa_jax import defaults, reference_cache, sharding
+from isdaa_jax import cli, defaults, reference_cache, sharding
 from isdaa_jax.data import collate, pipeline, prefix, sources
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.errors import UserError
@@ -263,4 +263,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
