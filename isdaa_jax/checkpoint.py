@@ -10,6 +10,9 @@ previous one restored. Retention: the last `keep_last` plus, with `keep_best`, t
 lowest eval loss.
 """
 
+import contextlib
+import errno
+import os
 import pathlib
 import shutil
 import time
@@ -34,6 +37,33 @@ def _policy(ckpt_config):
       get_metric_fn=lambda m: m['eval_loss'], reverse=True, n=1,
       keep_checkpoints_without_metrics=False)
   return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
+
+
+class DiskFullError(UserError):
+  """The disk filled up while a checkpoint was written."""
+
+
+class NotWritableError(UserError):
+  """The workdir or its checkpoints folder cannot be written."""
+
+
+def check_writable(workdir) -> None:
+  """Raises NotWritableError unless WORKDIR and WORKDIR/checkpoints (if present) take a file.
+
+  Checked up front: a read-only workdir otherwise fails writing config.json, and a read-only
+  checkpoints folder makes Orbax retry for minutes before it gives up.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  for folder in (workdir, workdir / 'checkpoints'):
+    if folder == workdir or folder.exists():
+      probe = folder / f'.write_probe.{os.getpid()}'
+      try:
+        probe.write_bytes(b'')
+        probe.unlink()
+      except OSError as e:
+        raise NotWritableError(
+            f'{folder} is not writable ({e.strerror}); fix its permissions or pass another '
+            '--workdir') from None
 
 
 class Checkpointer:
@@ -64,8 +94,24 @@ class Checkpointer:
       import grain  # pylint: disable=g-import-not-at-top
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     metrics = None if eval_loss is None else {'eval_loss': float(eval_loss)}
-    return self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
-                              force=force)
+    with self._disk_full_is_one_sentence(step):
+      return self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                                force=force)
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_sentence(self, step: Optional[int]):
+    try:
+      yield
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      good = [s for s in self.all_steps() if s != step]
+      previous = (f'the previous checkpoint (step {good[-1]}) is intact' if good
+                  else 'no earlier checkpoint exists')
+      raise DiskFullError(
+          f'the disk holding {self.directory.parent} filled up while saving the checkpoint'
+          f'{f" at step {step}" if step is not None else ""}; {previous}, so free some space '
+          'and rerun the same command to resume') from None
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -116,7 +162,8 @@ class Checkpointer:
     return target
 
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._disk_full_is_one_sentence(None):
+      self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()

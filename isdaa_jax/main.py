@@ -23,7 +23,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from isdaa_jax import train  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
+  from isdaa_jax import checkpoint, train  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
 
   if not flags.FLAGS['verbosity'].present:
     # Orbax and Grain log every save and worker at INFO; keep the console to warnings.
@@ -32,7 +32,12 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   try:
     config_lib.validate(config)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise UserError(f'cannot create the workdir {workdir} ({e.strerror}); pass a --workdir '
+                      'you can write to') from None
+    checkpoint.check_writable(workdir)
     (workdir / 'config.json').write_text(json.dumps(json.loads(config.to_json()), indent=2))
     train.run(config, workdir)
   except UserError as e:

@@ -200,3 +200,62 @@ def test_corrupt_checkpoint_never_kept_over_good_one(tmp_path):
   assert 'resumes from step 10' in res.stderr, res.stderr[-3000:]
   assert _steps(wd) == [15, 20]
   assert len(list((wd / 'checkpoints_corrupt').glob('15.*'))) == 1
+
+
+def test_disk_full_during_save_is_one_sentence_and_keeps_previous(tmp_path, monkeypatch):
+  it = _iterator()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False), True)
+  ck.save(1, _state(1), it, {}, force=True)
+  ck.wait()
+
+  def full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(ck._manager, 'save', full)
+  with pytest.raises(checkpoint.DiskFullError) as info:
+    ck.save(2, _state(2), it, {}, force=True)
+  message = str(info.value)
+  assert '\n' not in message
+  assert str(tmp_path) in message and 'step 2' in message
+  assert 'the previous checkpoint (step 1) is intact' in message
+  restored = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False),
+                                     True).restore_latest(_abstract(), _iterator())
+  assert int(restored['step']) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes through read-only permissions')
+@pytest.mark.parametrize('folder', ['', 'checkpoints'])
+def test_read_only_workdir_or_checkpoints_refused_up_front(tmp_path, folder):
+  target = tmp_path / folder
+  target.mkdir(exist_ok=True)
+  target.chmod(0o500)
+  try:
+    with pytest.raises(checkpoint.NotWritableError, match=f'{target} is not writable'):
+      checkpoint.check_writable(tmp_path)
+  finally:
+    target.chmod(0o700)
+
+
+def test_check_writable_probe_leaves_nothing(tmp_path):
+  (tmp_path / 'checkpoints').mkdir()
+  checkpoint.check_writable(tmp_path)
+  assert sorted(p.name for p in tmp_path.rglob('*')) == ['checkpoints']
+
+
+@pytest.mark.parametrize('folder', ['', 'checkpoints'])
+def test_unwritable_folder_refused_up_front_even_as_root(tmp_path, monkeypatch, folder):
+  """As root chmod does not stop writes, so the refused write is faked at the probe."""
+  target = (tmp_path / folder).absolute()
+  target.mkdir(exist_ok=True)
+  real = pathlib.Path.write_bytes
+
+  def write_bytes(self, data):
+    if self.parent == target:
+      raise PermissionError(13, 'Permission denied')
+    return real(self, data)
+
+  monkeypatch.setattr(pathlib.Path, 'write_bytes', write_bytes)
+  with pytest.raises(checkpoint.NotWritableError) as info:
+    checkpoint.check_writable(tmp_path)
+  assert str(info.value) == (f'{target} is not writable (Permission denied); fix its '
+                             'permissions or pass another --workdir')
