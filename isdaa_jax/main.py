@@ -23,7 +23,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from isdaa_jax import checkpoint, train  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
+  from isdaa_jax import checkpoint, preemption, train  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
 
   if not flags.FLAGS['verbosity'].present:
     # Orbax and Grain log every save and worker at INFO; keep the console to warnings.
@@ -43,6 +43,15 @@ def main(argv):
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    print(f'error: interrupted twice, so stopped without saving; the latest complete checkpoint '
+          f'in {workdir / "checkpoints"} is intact and rerunning resumes from it',
+          file=sys.stderr)
+    sys.exit(130)
+  if preemption.interrupted():
+    print(f'interrupted: checkpoint saved in {workdir / "checkpoints"}; rerun the same command '
+          'to resume', file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == '__main__':
