@@ -23,7 +23,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from isdaa_jax import checkpoint, preemption, train  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
+  import jax  # pylint: disable=g-import-not-at-top
+  from isdaa_jax import checkpoint, distributed, preemption, train, workdir_lock  # pylint: disable=g-import-not-at-top  (after flags: JAX start-up)
 
   if not flags.FLAGS['verbosity'].present:
     # Orbax and Grain log every save and worker at INFO; keep the console to warnings.
@@ -38,8 +39,10 @@ def main(argv):
       raise UserError(f'cannot create the workdir {workdir} ({e.strerror}); pass a --workdir '
                       'you can write to') from None
     checkpoint.check_writable(workdir)
-    (workdir / 'config.json').write_text(json.dumps(json.loads(config.to_json()), indent=2))
-    train.run(config, workdir)
+    distributed.initialize(config.distributed)  # for process_index: only process 0 locks
+    with workdir_lock.WorkdirLock(workdir, take=jax.process_index() == 0):
+      (workdir / 'config.json').write_text(json.dumps(json.loads(config.to_json()), indent=2))
+      train.run(config, workdir)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
