@@ -199,6 +199,9 @@ def test_corrupt_checkpoint_never_kept_over_good_one(tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   assert 'resumes from step 10' in res.stderr, res.stderr[-3000:]
   assert _steps(wd) == [15, 20]
+  from isdaa_jax.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
+  logged = [r['step'] for r in read_metrics(wd) if 'loss' in r]
+  assert logged == list(range(1, 21))  # each step once, though 6-10 and 11-15 ran twice
   assert len(list((wd / 'checkpoints_corrupt').glob('15.*'))) == 1
 
 
