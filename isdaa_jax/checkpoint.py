@@ -4,13 +4,21 @@ Each step directory holds `state` (step, params, optimizer state), `data` (the G
 state, when the pipeline has one) and `config` (the resolved config as JSON). Orbax writes into a
 temporary directory and renames it when complete, so a process killed mid-save leaves no
 checkpoint behind; a checkpoint that is present but unreadable (a damaged disk, a truncated copy)
-is skipped with a warning and the previous one restored. Retention: the last `keep_last` plus,
-with `keep_best`, the one with the lowest eval loss.
+is moved aside to WORKDIR/checkpoints_corrupt/STEP (outside Orbax's view, so retention can never
+keep it over a good one and the step is saved afresh) with a one-sentence warning, and the
+previous one restored. Retention: the last `keep_last` plus, with `keep_best`, the one with the
+lowest eval loss.
 """
 
+import contextlib
+import errno
+import os
 import pathlib
+import shutil
+import time
 from typing import Any, Optional
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -31,11 +39,39 @@ def _policy(ckpt_config):
   return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
 
 
+class DiskFullError(UserError):
+  """The disk filled up while a checkpoint was written."""
+
+
+class NotWritableError(UserError):
+  """The workdir or its checkpoints folder cannot be written."""
+
+
+def check_writable(workdir) -> None:
+  """Raises NotWritableError unless WORKDIR and WORKDIR/checkpoints (if present) take a file.
+
+  Checked up front: a read-only workdir otherwise fails writing config.json, and a read-only
+  checkpoints folder makes Orbax retry for minutes before it gives up.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  for folder in (workdir, workdir / 'checkpoints'):
+    if folder == workdir or folder.exists():
+      probe = folder / f'.write_probe.{os.getpid()}'
+      try:
+        probe.write_bytes(b'')
+        probe.unlink()
+      except OSError as e:
+        raise NotWritableError(
+            f'{folder} is not writable ({e.strerror}); fix its permissions or pass another '
+            '--workdir') from None
+
+
 class Checkpointer:
   """Saves and restores (state, data iterator, config) under WORKDIR/checkpoints."""
 
   def __init__(self, workdir, ckpt_config, has_data_state: bool):
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
+    self.corrupt_directory = pathlib.Path(workdir).absolute() / 'checkpoints_corrupt'
     self._has_data = has_data_state
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_policy(ckpt_config),
@@ -58,8 +94,24 @@ class Checkpointer:
       import grain  # pylint: disable=g-import-not-at-top
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
     metrics = None if eval_loss is None else {'eval_loss': float(eval_loss)}
-    return self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
-                              force=force)
+    with self._disk_full_is_one_sentence(step):
+      return self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
+                                force=force)
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_sentence(self, step: Optional[int]):
+    try:
+      yield
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise
+      good = [s for s in self.all_steps() if s != step]
+      previous = (f'the previous checkpoint (step {good[-1]}) is intact' if good
+                  else 'no earlier checkpoint exists')
+      raise DiskFullError(
+          f'the disk holding {self.directory.parent} filled up while saving the checkpoint'
+          f'{f" at step {step}" if step is not None else ""}; {previous}, so free some space '
+          'and rerun the same command to resume') from None
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -70,7 +122,7 @@ class Checkpointer:
     Raises CheckpointError when checkpoints exist but none can be restored (a changed model or
     optimizer config, say): starting afresh would let retention delete them.
     """
-    first_error = None
+    first_error, unreadable = None, []
     for step in reversed(self.all_steps()):
       args = dict(state=ocp.args.StandardRestore(abstract_state))
       if self._has_data:
@@ -79,10 +131,14 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
-        first_error = first_error or f'step {step}: {type(e).__name__}: {str(e)[:300]}'
-        logging.warning('checkpoint at step %d in %s is unreadable (%s: %s); trying the one '
-                        'before it', step, self.directory, type(e).__name__, e)
+        first_error = first_error or f'step {step}: {type(e).__name__}: {_first_line(e)}'
+        unreadable.append((step, f'{type(e).__name__}: {_first_line(e)}'))
         continue
+      # Only once a good one restored: if none does (a changed config), all are left untouched.
+      for bad_step, why in unreadable:
+        moved = self._move_aside(bad_step)
+        logging.warning('checkpoint at step %d was unreadable (%s), so it was moved to %s and '
+                        'training resumes from step %d', bad_step, why, moved, step)
       return restored['state']
     if first_error is not None:
       raise CheckpointError(
@@ -91,8 +147,28 @@ class Checkpointer:
           'untouched)')
     return None
 
+  def _move_aside(self, step: int) -> Optional[pathlib.Path]:
+    """Moves an unreadable step out of Orbax's view; returns where, or None if it stays.
+
+    Left in place, it would count towards `keep_last`, the step would never be saved again
+    (save skips existing steps) and retention would delete the good one restored instead.
+    """
+    source = self.directory / str(step)
+    target = self.corrupt_directory / f'{step}.{time.strftime("%Y%m%dT%H%M%S")}'
+    if jax.process_index() == 0 and source.exists():
+      self.corrupt_directory.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(source), str(target))
+    self._manager.reload()
+    return target
+
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._disk_full_is_one_sentence(None):
+      self._manager.wait_until_finished()
 
   def close(self):
     self._manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return (lines[0] if lines else '')[:200]

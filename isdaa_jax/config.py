@@ -178,4 +178,11 @@ def validate(config: ml_collections.ConfigDict):
            f'config.train.num_steps must be > 0, got {config.train.num_steps}')
   _require(config.checkpoint.keep_last >= 1,
            f'config.checkpoint.keep_last must be >= 1, got {config.checkpoint.keep_last}')
+  _require(config.checkpoint.every_steps >= 1,
+           'config.checkpoint.every_steps must be >= 1 (the last step is always saved, so a '
+           f'value above train.num_steps saves only at the end), got '
+           f'{config.checkpoint.every_steps}')
+  _require(config.train.log_every >= 1,
+           'config.train.log_every must be >= 1 (a value above train.num_steps logs only the '
+           f'last step), got {config.train.log_every}')
   _choice(config.distributed.initialize, ('auto', 'on', 'off'), 'config.distributed.initialize')

@@ -182,6 +182,8 @@ def mesh_config() -> ml_collections.ConfigDict:
 def checkpoint_config() -> ml_collections.ConfigDict:
   """Orbax checkpointing (read by `isdaa_jax.checkpoint`)."""
   c = ml_collections.ConfigDict()
+  # Save every N steps (>= 1; the last step and a preempted one are always saved, so N above
+  # train.num_steps saves only at the end).
   c.every_steps = 500
   c.keep_last = 2
   # Also keep the checkpoint with the lowest eval loss (needs train.eval_every > 0).
@@ -196,6 +198,7 @@ def train_config() -> ml_collections.ConfigDict:
   """The loop (read by `isdaa_jax.train`)."""
   t = ml_collections.ConfigDict()
   t.num_steps = 1000
+  # Metrics row / console line every N steps (>= 1; the last step is always logged).
   t.log_every = 10
   # Held-out evaluation every N steps (0 = never) over at most eval_batches batches.
   t.eval_every = 200

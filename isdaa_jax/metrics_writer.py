@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pathlib
 from typing import Mapping
 
@@ -19,6 +20,22 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
 
+  def drop_after(self, step: int):
+    """Drops rows past `step`, the step a run resumed from, so each step appears once.
+
+    A run stopped after its last checkpoint (a crash, a corrupt checkpoint) logged steps that
+    the resumed run logs again. Rewritten to a temp file and renamed: a kill leaves either file.
+    """
+    if not self._active or not self._path.exists():
+      return
+    lines = self._path.read_text().splitlines(keepends=True)
+    kept = [l for l in lines if l.strip() and _step(l) <= step]
+    if len(kept) == len(lines):
+      return
+    tmp = self._path.with_name(self._path.name + '.tmp')
+    tmp.write_text(''.join(l if l.endswith('\n') else l + '\n' for l in kept))
+    os.replace(tmp, self._path)
+
   def write(self, step: int, scalars: Mapping[str, float], tensorboard: bool = True):
     if not self._active:
       return
@@ -35,6 +52,13 @@ class MetricsWriter:
   def close(self):
     if self._tb is not None:
       self._tb.close()
+
+
+def _step(line: str) -> float:
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):
+    return math.inf  # a half-written last line: dropped with the rows after the checkpoint
 
 
 def read_metrics(workdir) -> list[dict]:

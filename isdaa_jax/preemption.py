@@ -1,11 +1,24 @@
-"""Preemption (SIGTERM) handling that agrees on one checkpoint step across processes."""
+"""Preemption (SIGTERM) and Ctrl-C (SIGINT) handling that agrees on one checkpoint step.
+
+A first Ctrl-C acts as SIGTERM (checkpoint at the current step, then exit; `interrupted()` tells
+the entry point to exit with status 130); a second one aborts at once with KeyboardInterrupt.
+"""
 
 import signal
 import threading
+from typing import Optional
 
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
+
+
+_last_signal: Optional[int] = None  # the signal that stopped the latest run in this process
+
+
+def interrupted() -> bool:
+  """Whether the latest run stopped for a Ctrl-C (its checkpoint is written)."""
+  return _last_signal == signal.SIGINT
 
 
 class Preemption:
@@ -18,14 +31,24 @@ class Preemption:
   """
 
   def __init__(self):
+    global _last_signal
+    _last_signal = None
     self._raised = False
-    self._previous = None
+    self._previous = {}
     self._multihost = jax.process_count() > 1
     if not self._multihost and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning('SIGTERM received: checkpointing and exiting')
+    global _last_signal
+    if signum == signal.SIGINT and self._raised:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, not at the end of the step
+    name = 'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'
+    logging.warning('%s received: checkpointing at the current step and exiting%s', name,
+                    ' (press Ctrl-C again to abort without saving)'
+                    if signum == signal.SIGINT else '')
+    _last_signal = signum
     self._raised = True
 
   def reached(self, step: int) -> bool:
@@ -41,5 +64,6 @@ class Preemption:
     return self._raised
 
   def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}

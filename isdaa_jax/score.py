@@ -35,7 +35,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from isdaa_jax import defaults, reference_cache, scoring, sharding
+from isdaa_jax import cli, defaults, reference_cache, scoring, sharding
 from isdaa_jax import layout as layout_lib
 from isdaa_jax.data import collate, pipeline, sources
 from isdaa_jax.data.tokenize import PairTokenizer
@@ -172,4 +172,4 @@ def main(argv):
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -320,6 +320,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   config_json = json.loads(config.to_json())
   preemption = Preemption()
   start = int(state.step)
+  writer.drop_after(start)  # rows past the restored checkpoint are logged again
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not config.train.progress_bar
                   or jax.process_index() != 0, desc='train')
   log = _StepLog(config, writer, throughput, checkpointer, start)

@@ -73,8 +73,16 @@ def test_unreadable_latest_falls_back_to_previous(tmp_path):
   restored = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False),
                                      True).restore_latest(_abstract(), _iterator())
   assert int(restored['step']) == 1
-  # The damaged checkpoint is left in place for inspection, never deleted or overwritten.
-  assert state_dir.exists()
+  # The damaged checkpoint is moved out of Orbax's view (kept for inspection), so retention can
+  # never keep it over the good one and step 2 is saved afresh.
+  assert not state_dir.exists()
+  moved = list((tmp_path / 'checkpoints_corrupt').glob('2.*'))
+  assert len(moved) == 1 and (moved[0] / 'state').is_dir()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False), True)
+  assert ck.all_steps() == [1]
+  assert ck.save(2, _state(2), _iterator(), {}, force=True)
+  ck.wait()
+  assert ck.all_steps() == [1, 2]
 
 
 def test_no_checkpoint_gives_none(tmp_path):
@@ -143,3 +151,114 @@ def test_process_killed_mid_save_restores_the_previous_checkpoint(tmp_path):
           force=True)
   ck.wait()
   assert ck.all_steps() == [1, 2]
+
+
+_REPO = pathlib.Path(__file__).parents[1]
+
+
+def _main(workdir, num_steps):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run(
+      [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py', f'--workdir={workdir}',
+       f'--config.train.num_steps={num_steps}', '--config.checkpoint.every_steps=5',
+       '--config.checkpoint.export_hf=False', '--config.train.progress_bar=False'],
+      cwd=_REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _truncate_largest(step_dir):
+  largest = max((f for f in (step_dir / 'state').rglob('*') if f.is_file()),
+                key=lambda f: f.stat().st_size)
+  largest.write_bytes(largest.read_bytes()[:largest.stat().st_size // 2])
+
+
+def _steps(workdir):
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def test_corrupt_checkpoint_never_kept_over_good_one(tmp_path):
+  """Issue #13: after falling back past a truncated step 10, step 10 is saved afresh and the
+  good step 5 is never deleted in favour of the corrupt one; a second corruption resumes from
+  the right good step."""
+  wd = tmp_path / 'run'
+  res = _main(wd, 10)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert _steps(wd) == [5, 10]
+  _truncate_largest(wd / 'checkpoints' / '10')
+
+  res = _main(wd, 15)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'Traceback' not in res.stderr
+  warnings = [l for l in res.stderr.splitlines() if 'was unreadable' in l]
+  assert len(warnings) == 1 and 'resumes from step 5' in warnings[0], res.stderr[-3000:]
+  assert _steps(wd) == [10, 15]  # 10 re-saved from the resumed run, not the corrupt copy
+  assert len(list((wd / 'checkpoints_corrupt').glob('10.*'))) == 1
+
+  # Corrupt 15 as well: the run resumes from the re-saved (good) 10, not from scratch or 5.
+  _truncate_largest(wd / 'checkpoints' / '15')
+  res = _main(wd, 20)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert 'resumes from step 10' in res.stderr, res.stderr[-3000:]
+  assert _steps(wd) == [15, 20]
+  from isdaa_jax.metrics_writer import read_metrics  # pylint: disable=g-import-not-at-top
+  logged = [r['step'] for r in read_metrics(wd) if 'loss' in r]
+  assert logged == list(range(1, 21))  # each step once, though 6-10 and 11-15 ran twice
+  assert len(list((wd / 'checkpoints_corrupt').glob('15.*'))) == 1
+
+
+def test_disk_full_during_save_is_one_sentence_and_keeps_previous(tmp_path, monkeypatch):
+  it = _iterator()
+  ck = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False), True)
+  ck.save(1, _state(1), it, {}, force=True)
+  ck.wait()
+
+  def full(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(ck._manager, 'save', full)
+  with pytest.raises(checkpoint.DiskFullError) as info:
+    ck.save(2, _state(2), it, {}, force=True)
+  message = str(info.value)
+  assert '\n' not in message
+  assert str(tmp_path) in message and 'step 2' in message
+  assert 'the previous checkpoint (step 1) is intact' in message
+  restored = checkpoint.Checkpointer(tmp_path, _ckpt_config(keep_last=3, keep_best=False),
+                                     True).restore_latest(_abstract(), _iterator())
+  assert int(restored['step']) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes through read-only permissions')
+@pytest.mark.parametrize('folder', ['', 'checkpoints'])
+def test_read_only_workdir_or_checkpoints_refused_up_front(tmp_path, folder):
+  target = tmp_path / folder
+  target.mkdir(exist_ok=True)
+  target.chmod(0o500)
+  try:
+    with pytest.raises(checkpoint.NotWritableError, match=f'{target} is not writable'):
+      checkpoint.check_writable(tmp_path)
+  finally:
+    target.chmod(0o700)
+
+
+def test_check_writable_probe_leaves_nothing(tmp_path):
+  (tmp_path / 'checkpoints').mkdir()
+  checkpoint.check_writable(tmp_path)
+  assert sorted(p.name for p in tmp_path.rglob('*')) == ['checkpoints']
+
+
+@pytest.mark.parametrize('folder', ['', 'checkpoints'])
+def test_unwritable_folder_refused_up_front_even_as_root(tmp_path, monkeypatch, folder):
+  """As root chmod does not stop writes, so the refused write is faked at the probe."""
+  target = (tmp_path / folder).absolute()
+  target.mkdir(exist_ok=True)
+  real = pathlib.Path.write_bytes
+
+  def write_bytes(self, data):
+    if self.parent == target:
+      raise PermissionError(13, 'Permission denied')
+    return real(self, data)
+
+  monkeypatch.setattr(pathlib.Path, 'write_bytes', write_bytes)
+  with pytest.raises(checkpoint.NotWritableError) as info:
+    checkpoint.check_writable(tmp_path)
+  assert str(info.value) == (f'{target} is not writable (Permission denied); fix its '
+                             'permissions or pass another --workdir')

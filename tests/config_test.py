@@ -41,6 +41,8 @@ def test_base_config_is_valid():
     ({'mesh.data': -1}, r'at most one of config.mesh'),
     ({'mesh.tensor': 0}, r'config.mesh sizes'),
     ({'train.num_steps': 0}, r'num_steps must be > 0'),
+    ({'checkpoint.every_steps': 0}, r'config.checkpoint.every_steps must be >= 1'),
+    ({'train.log_every': 0}, r'config.train.log_every must be >= 1'),
     ({'distributed.initialize': 'yes'}, r'config.distributed.initialize'),
     ({'sample_eval.every': 5}, r'needs config.sample_eval.prompts'),
     ({'sample_eval.every': 5, 'sample_eval.prompts': 'p.jsonl'}, r'exactly one of'),

@@ -110,6 +110,33 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
   assert len(saved) == 1 and 3 <= saved[0] < 100000
 
 
+def test_first_sigint_checkpoints_exits_130_and_resume_continues(tmp_path):
+  cmd = [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py',
+         f'--workdir={tmp_path}', '--config.train.num_steps=100000',
+         '--config.checkpoint.every_steps=100000', '--config.train.eval_every=0',
+         '--config.train.log_every=1', '--config.train.progress_bar=False']
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and len(_losses(tmp_path)) < 3:
+    time.sleep(0.5)
+  assert len(_losses(tmp_path)) >= 3, 'training did not start'
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-2000:]
+  assert 'Traceback' not in err
+  assert err.strip().splitlines()[-1] == (
+      f'interrupted: checkpoint saved in {tmp_path / "checkpoints"}; rerun the same command to '
+      'resume')
+  saved = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
+  stopped = max(_losses(tmp_path))
+  assert saved == [stopped] and stopped >= 3  # saved at the step it stopped, nothing else
+  res = _main(tmp_path, f'--config.train.num_steps={stopped + 2}', '--config.train.eval_every=0',
+              '--config.checkpoint.export_hf=False')
+  assert res.returncode == 0, res.stderr[-2000:]
+  assert sorted(_losses(tmp_path))[-3:] == [stopped, stopped + 1, stopped + 2]
+
+
 def test_bad_config_value_is_one_line(tmp_path):
   res = _main(tmp_path, '--config.loss.name=orpo')
   assert res.returncode == 1

@@ -5,7 +5,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from isdaa_jax import config as config_lib
+from isdaa_jax import cli, config as config_lib
 from isdaa_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Lab config (configs/lab.py).',
@@ -34,4 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
