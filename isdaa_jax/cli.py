@@ -5,7 +5,6 @@ absl parses flags inside `app.run`, before `main` runs, so a mistyped override
 in a long traceback from ml_collections. Pass `flags_parser=cli.parse_flags` to `app.run`.
 """
 
-import difflib
 import re
 import sys
 

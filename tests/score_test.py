@@ -15,7 +15,7 @@ from flax import nnx
 from isdaa_jax import defaults, reference_cache, score, scoring, sharding
 from isdaa_jax import layout as layout_lib
 from isdaa_jax.data.tokenize import PairTokenizer
-from isdaa_jax.data import prefix, sources
+from isdaa_jax.data import sources
 from isdaa_jax.model import hf
 from isdaa_jax.model.llama import Llama, LlamaConfig
 

@@ -1,6 +1,5 @@
 """Supervised training of the lab's reference policy on the demonstration distribution."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

@@ -13,8 +13,6 @@ Implementations (`config.model.attention`):
   'cudnn'   jax.nn.dot_product_attention with the fused cuDNN kernel (GPU, bfloat16 only).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
