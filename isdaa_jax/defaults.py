@@ -139,7 +139,8 @@ def loss_config() -> ml_collections.ConfigDict:
   l.label_smoothing = 0.0
   # IPO on length-normalized log-ratios (TRL) instead of summed ones (IS-DAA authors' code).
   l.ipo_length_normalize = False
-  # R-DPO's length penalty a in beta*delta - a*(n_w - n_l).
+  # R-DPO's length penalty a in -log sigmoid(beta*delta + a*(n_w - n_l)) (Park et al. 2024): a > 0
+  # gives a longer chosen response part of its margin for free, so it earns less gradient.
   l.length_penalty = 0.0
   # RPO's SFT term weight on the chosen response's NLL, and its normalization ('mean' | 'sum').
   l.sft_weight = 0.0

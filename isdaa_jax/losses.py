@@ -110,7 +110,9 @@ def per_pair_loss(logps: PairLogps, loss_config):
   if name == 'hinge':
     return jax.nn.relu(1.0 - beta * delta)
   if name == 'rdpo':
-    return _neg_log_sigmoid(beta * delta - loss_config.length_penalty * (n_w - n_l))
+    # Park et al. 2024 and the IS-DAA authors' code: a longer chosen response gets the length part
+    # of its margin for free, so it earns less gradient (length regularization for a > 0).
+    return _neg_log_sigmoid(beta * delta + loss_config.length_penalty * (n_w - n_l))
   if name == 'simpo':
     return _neg_log_sigmoid(beta * (lp_w / n_w - lp_l / n_l) - loss_config.gamma)
   if name == 'alphapo':

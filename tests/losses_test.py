@@ -34,7 +34,7 @@ def reference_per_pair(name, lp_w, lp_l, rp_w, rp_l, n_w, n_l, cfg):
   if name == 'hinge':
     return np.maximum(0.0, 1 - b * d)
   if name == 'rdpo':
-    return -_log_sigmoid64(b * d - cfg.length_penalty * (n_w - n_l))
+    return -_log_sigmoid64(b * d + cfg.length_penalty * (n_w - n_l))
   if name == 'simpo':
     return -_log_sigmoid64(b * (lp_w / n_w - lp_l / n_l) - cfg.gamma)
   if name == 'alphapo':
@@ -289,3 +289,20 @@ def test_metrics_follow_trl_definitions():
 def test_unknown_loss_name_is_clear():
   with pytest.raises(ValueError, match='unknown loss.name'):
     losses.daa_loss(_pair_logps(_random_arrays(0)), loss_config('orpo'))
+
+
+def test_rdpo_longer_chosen_lowers_the_loss_and_matches_hand_value():
+  """Park et al. 2024: -log sigmoid(beta*delta + a*(n_w - n_l)); a longer chosen response gets
+  part of its margin for free (lower loss, smaller push) when a > 0."""
+  cfg = loss_config('rdpo', beta=0.1, length_penalty=0.05)
+  base = [np.array([-10.0]), np.array([-12.0]), np.array([-11.0]), np.array([-11.5])]
+  short = losses.daa_loss(_pair_logps(base + [np.array([10.0]), np.array([10.0])] + base[2:]), cfg)
+  long = losses.daa_loss(_pair_logps(base + [np.array([30.0]), np.array([10.0])] + base[2:]), cfg)
+  assert float(long.loss) < float(short.loss)
+  # delta = (1) - (-0.5) = 1.5; margin 0.1*1.5 + 0.05*20 = 1.15; -log sigmoid(1.15) = log1p(e^-1.15)
+  np.testing.assert_allclose(float(long.loss), np.log1p(np.exp(-1.15)), rtol=1e-6)
+  # The push -dL/d delta is smaller for the longer chosen response.
+  push = lambda n_w: jax.grad(lambda lp: losses.daa_loss(_pair_logps(
+      [lp] + base[1:] + [np.array([n_w]), np.array([10.0])] + base[2:]), cfg).loss)(
+          jnp.asarray([-10.0]))
+  assert float(push(30.0)[0]) > float(push(10.0)[0])  # grads are negative: smaller magnitude
