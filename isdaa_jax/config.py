@@ -63,6 +63,10 @@ def validate_loss(loss: ml_collections.ConfigDict):
   _require(loss.importance.eps > 0.0,
            f'config.loss.importance.eps must be > 0 (the weight is clipped at exp(2*eps)), '
            f'got {loss.importance.eps}')
+  _choice(loss.importance.log_ratio, ('sum', 'token_mean'), 'config.loss.importance.log_ratio')
+  _require(loss.importance.min_log_weight <= 0.0,
+           f'config.loss.importance.min_log_weight must be <= 0 (-inf = no lower clip; the weight '
+           f'is 1 at initialization), got {loss.importance.min_log_weight}')
 
 
 def validate_model(model: ml_collections.ConfigDict):

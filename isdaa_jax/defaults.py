@@ -149,6 +149,15 @@ def loss_config() -> ml_collections.ConfigDict:
       enabled=False,
       # Upper clip of the log-weight is 2*eps; 0.25 is the authors' default (bound ~1.65).
       eps=0.25,
+      # Ablations, not in the paper (the defaults are the authors' formulation):
+      # 'sum' (authors) sums each response's log-ratio over its tokens; 'token_mean' divides it by
+      # the response's token count, so long responses do not dominate the weight.
+      log_ratio='sum',
+      # Lower clip of the log-weight; -inf (authors) = no lower clip. E.g. -0.5 keeps w >= 0.61.
+      min_log_weight=float('-inf'),
+      # Divide the weights by their batch mean (stop-gradient), so the loss scale stays that of
+      # the unweighted loss; False (authors) = plain mean of w * loss.
+      self_normalize=False,
   ))
   return l
 

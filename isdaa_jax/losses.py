@@ -77,16 +77,31 @@ def chipo_link(u):
   return jnp.exp(jnp.minimum(u, _MAX_EXPONENT)) + u
 
 
-def importance_weight(logps: PairLogps, eps: float):
-  """w = stop_gradient(exp(min((lp_w - mu_w) + (lp_l - mu_l), 2 eps))), and the unclipped log-ratio.
+def importance_weight(logps: PairLogps, importance_config):
+  """The IS-DAA weight of each pair (no gradient) and its unclipped log-ratio, both [B].
 
-  mu is the behavior policy when the data carries its log-probs, else the reference.
+  The authors' formulation (the defaults): w = exp(min((lp_w - mu_w) + (lp_l - mu_l), 2 eps)),
+  mu the behavior policy when the data carries its log-probs, else the reference. Ablations not in
+  the paper: `log_ratio='token_mean'` divides each response's log-ratio by its token count,
+  `min_log_weight` > -inf clips the log-weight from below, `self_normalize` divides by the batch
+  mean of the weights.
   """
   mu_w = logps.reference_chosen if logps.behavior_chosen is None else logps.behavior_chosen
   mu_l = logps.reference_rejected if logps.behavior_rejected is None else logps.behavior_rejected
-  log_ratio = (_f32(logps.policy_chosen) - _f32(mu_w)) + (_f32(logps.policy_rejected) - _f32(mu_l))
-  log_ratio = jax.lax.stop_gradient(log_ratio)
-  return jnp.exp(jnp.minimum(log_ratio, 2.0 * eps)), log_ratio
+  r_w = _f32(logps.policy_chosen) - _f32(mu_w)
+  r_l = _f32(logps.policy_rejected) - _f32(mu_l)
+  if importance_config.log_ratio == 'token_mean':
+    r_w = r_w / jnp.maximum(_f32(logps.chosen_tokens), 1.0)
+    r_l = r_l / jnp.maximum(_f32(logps.rejected_tokens), 1.0)
+  elif importance_config.log_ratio != 'sum':
+    raise ValueError("loss.importance.log_ratio must be 'sum' or 'token_mean', got "
+                     f'{importance_config.log_ratio!r}')
+  log_ratio = jax.lax.stop_gradient(r_w + r_l)
+  log_weight = jnp.clip(log_ratio, importance_config.min_log_weight, 2.0 * importance_config.eps)
+  weights = jnp.exp(log_weight)
+  if importance_config.self_normalize:
+    weights = weights / jnp.mean(weights)
+  return jax.lax.stop_gradient(weights), log_ratio
 
 
 def per_pair_loss(logps: PairLogps, loss_config):
@@ -138,11 +153,12 @@ def daa_loss(logps: PairLogps, loss_config) -> LossOutput:
   """The (importance-weighted) DAA loss of a batch of pairs, with TRL-style metrics.
 
   `loss_config` is `config.loss`: name, beta, gamma, alpha, label_smoothing, ipo_length_normalize,
-  length_penalty, sft_weight, sft_normalize, importance.enabled, importance.eps.
+  length_penalty, sft_weight, sft_normalize, importance (enabled, eps, log_ratio, min_log_weight,
+  self_normalize).
   """
   per_example = per_pair_loss(logps, loss_config)
   if loss_config.importance.enabled:
-    weights, log_ratio = importance_weight(logps, loss_config.importance.eps)
+    weights, log_ratio = importance_weight(logps, loss_config.importance)
     clipped = log_ratio > 2.0 * loss_config.importance.eps
   else:
     weights = jnp.ones_like(per_example)

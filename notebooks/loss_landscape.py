@@ -231,7 +231,7 @@ zeros = np.zeros_like(log_ratio)
 _, unweighted_slope = loss_and_slope(loss_config(name='dpo', beta=0.1), zeros)
 fig, (ax_w, ax_push, ax_margin) = plt.subplots(1, 3, figsize=(16, 4.5))
 for eps in EPSILONS:
-  weight, _ = losses.importance_weight(pairs(zeros, log_ratio), eps)
+  weight, _ = losses.importance_weight(pairs(zeros, log_ratio), weighted_dpo(eps).importance)
   ax_w.plot(log_ratio, weight, label=f'eps {eps}')
   d_delta, d_s = per_pair_grads(weighted_dpo(eps), zeros, log_ratio)
   ax_push.plot(log_ratio, -d_delta, label=f'eps {eps}')

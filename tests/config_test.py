@@ -24,6 +24,8 @@ def test_base_config_is_valid():
     ({'loss.alpha': 0.25}, r'alpha applies to alphapo only'),
     ({'loss.sft_normalize': 'token'}, r'sft_normalize'),
     ({'loss.importance.eps': 0.0}, r'eps must be > 0'),
+    ({'loss.importance.log_ratio': 'mean'}, r'config.loss.importance.log_ratio'),
+    ({'loss.importance.min_log_weight': 0.5}, r'min_log_weight must be <= 0'),
     ({'train.reference': 'none', 'loss.name': 'simpo', 'loss.importance.enabled': True},
      r'importance weighting needs reference .*config.train.reference'),
     ({'train.reference': 'none'}, r"loss.name='dpo' needs reference log-probs"),

@@ -306,3 +306,60 @@ def test_rdpo_longer_chosen_lowers_the_loss_and_matches_hand_value():
       [lp] + base[1:] + [np.array([n_w]), np.array([10.0])] + base[2:]), cfg).loss)(
           jnp.asarray([-10.0]))
   assert float(push(30.0)[0]) > float(push(10.0)[0])  # grads are negative: smaller magnitude
+
+
+# ---------------------------------------------------------------------------------------------
+# Importance-weight ablations (not in the paper), against an independent float64 formula.
+
+
+def _reference_weights(arrs, eps, log_ratio='sum', min_log_weight=-np.inf, self_normalize=False):
+  lp_w, lp_l, _, _, n_w, n_l, mu_w, mu_l = (np.asarray(a, np.float64) for a in arrs)
+  if log_ratio == 'sum':
+    s = (lp_w - mu_w) + (lp_l - mu_l)
+  else:
+    s = (lp_w - mu_w) / n_w + (lp_l - mu_l) / n_l
+  w = np.exp(np.maximum(np.minimum(s, 2 * eps), min_log_weight))
+  return w / w.mean() if self_normalize else w
+
+
+@pytest.mark.parametrize('ablation', [
+    dict(),
+    dict(log_ratio='token_mean'),
+    dict(min_log_weight=-0.5),
+    dict(self_normalize=True),
+    dict(log_ratio='token_mean', min_log_weight=-0.1, self_normalize=True),
+], ids=['authors', 'token_mean', 'lower_clip', 'self_normalize', 'all'])
+def test_importance_ablations_match_reference(ablation):
+  rng = np.random.default_rng(11)
+  arrs = _random_arrays(8, spread=1.0)
+  arrs[6] = (arrs[2] + rng.normal(0, 1.0, 16)).astype(np.float32)
+  arrs[7] = (arrs[3] + rng.normal(0, 1.0, 16)).astype(np.float32)
+  cfg = loss_config('dpo', beta=0.1, importance=True, eps=0.25)
+  cfg.importance.update(ablation)
+  out = losses.daa_loss(_pair_logps(arrs), cfg)
+  want_w = _reference_weights(arrs, 0.25, **ablation)
+  np.testing.assert_allclose(out.weights, want_w, rtol=2e-6)
+  _, want_per, _ = reference_loss('dpo', arrs, loss_config('dpo', beta=0.1))
+  np.testing.assert_allclose(out.loss, np.mean(want_w * want_per), rtol=5e-6)
+  # ESS still reported, (sum w)^2 / sum w^2 of the weights used.
+  np.testing.assert_allclose(out.metrics['is/ess'], want_w.sum()**2 / np.sum(want_w**2), rtol=1e-5)
+  # The checks have teeth: the drift spreads the weights, the sum clips some from above.
+  assert np.ptp(want_w) > 0.05
+
+
+def test_importance_ablation_properties():
+  arrs = _random_arrays(9, spread=3.0)
+  cfg = loss_config('dpo', beta=0.1, importance=True, eps=0.25)
+  cfg.importance.min_log_weight = -0.5
+  w = np.asarray(losses.daa_loss(_pair_logps(arrs, behavior=False), cfg).weights)
+  assert w.min() >= np.exp(-0.5) * (1 - 1e-6) and np.any(np.isclose(w, np.exp(-0.5)))
+  cfg.importance.min_log_weight = float('-inf')
+  cfg.importance.self_normalize = True
+  out = losses.daa_loss(_pair_logps(arrs, behavior=False), cfg)
+  np.testing.assert_allclose(np.mean(out.weights), 1.0, rtol=1e-6)
+  # Never differentiated: the gradient is w_i times the base per-pair gradient / B.
+  f = lambda a, b: losses.daa_loss(_pair_logps([a, b] + arrs[2:], behavior=False), cfg).loss
+  g = jax.grad(f)(jnp.asarray(arrs[0]), jnp.asarray(arrs[1]))
+  base = jax.grad(lambda a: jnp.sum(losses.per_pair_loss(
+      _pair_logps([a] + arrs[1:], behavior=False), cfg)))(jnp.asarray(arrs[0]))
+  np.testing.assert_allclose(g, out.weights * base / 16, rtol=1e-5, atol=1e-9)
