@@ -74,3 +74,20 @@ def test_apply_overrides_sets_dotted_keys_and_rejects_unknown_ones():
   assert cfg.model.remat == 'dots' and cfg.loss.importance.eps == 0.5
   with pytest.raises(KeyError, match='remmat'):
     config_lib.apply_overrides(cfg, {'model.remmat': 'dots'})
+
+
+def test_hh_isdaa_config_is_the_authors_released_settings():
+  from configs import hh_isdaa
+  config = hh_isdaa.get_config()
+  config_lib.validate(config)
+  l, o = config.loss, config.optimizer
+  assert (l.name, l.ipo_length_normalize, l.beta) == ('ipo', False, 0.05)
+  assert l.importance.enabled and l.importance.eps == 1.0
+  assert (l.importance.log_ratio, l.importance.min_log_weight, l.importance.self_normalize) == (
+      'sum', float('-inf'), False)
+  assert (o.learning_rate, o.warmup_steps, o.min_lr_ratio) == (1e-6, 50, 0.1)
+  assert (o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip_norm) == (0.9, 0.999, 1e-5, 0.0, 10.0)
+  assert config.data.batch_size == 128 and o.grad_accum_steps == 8
+  assert config.data.batch_size // o.grad_accum_steps == 16
+  assert config.data.num_epochs == 1 and config.data.source == 'hh'
+  assert config.model.path  # the user's SFT checkpoint, a placeholder until set
