@@ -42,6 +42,10 @@ def load_tokenizer(name: str):
     raise TokenizerError('text pairs need a tokenizer: set config.data.tokenizer to a tokenizer '
                          "folder or hub id, or config.model.path to the model's")
   import transformers  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.model import gguf  # pylint: disable=g-import-not-at-top
+  gguf_file = gguf.find(name)
+  if gguf_file is not None:
+    return gguf.load_tokenizer(gguf_file)
   try:
     return transformers.AutoTokenizer.from_pretrained(name)
   except (OSError, ValueError) as e:

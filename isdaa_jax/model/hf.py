@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from isdaa_jax import sharding
 from isdaa_jax.errors import UserError
+from isdaa_jax.model import gguf
 from isdaa_jax.model import hf_config
 from isdaa_jax.model import safetensors_io
 from isdaa_jax.model.hf_config import ModelFileError
@@ -178,7 +179,10 @@ def read_config(folder: pathlib.Path) -> dict:
 
 
 def load_config(path_or_hub_id: str, model_config=None) -> LlamaConfig:
-  """The architecture in config.json, with `model_config`'s execution policy when given."""
+  """The architecture in config.json (or a .gguf file's metadata), with `model_config`'s policy."""
+  gguf_file = gguf.find(path_or_hub_id)
+  if gguf_file is not None:
+    return gguf.load_config(gguf_file, model_config)
   folder = resolve(path_or_hub_id)
   return hf_config.from_hf_dict(read_config(folder), model_config,
                                 where=str(folder / 'config.json'))
@@ -251,7 +255,12 @@ def _load_param(tensors: _Tensors, p: _Param, shape: tuple, dtype, shd: NamedSha
 
 
 def _load(folder: pathlib.Path, cfg: LlamaConfig, mesh: Mesh, extra: tuple[str, ...] = ()):
-  tensors = _Tensors(folder)
+  return load_tensors(_Tensors(folder), cfg, mesh, extra)
+
+
+def load_tensors(tensors, cfg: LlamaConfig, mesh: Mesh, extra: tuple[str, ...] = ()):
+  """`cfg`'s Llama from `tensors` (HF names and layouts: a `_Tensors` or `gguf.Tensors`)."""
+  folder = tensors.folder
   params = _params(cfg)
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   shardings = sharding.state_shardings(nnx.state(model), mesh)
@@ -282,6 +291,9 @@ def load_model(path_or_hub_id: str, model_config, mesh: Mesh) -> Llama:
   The architecture comes from config.json; dtypes, remat, scan and attention kernel from
   `model_config` (`config.model`).
   """
+  gguf_file = gguf.find(path_or_hub_id)
+  if gguf_file is not None:
+    return gguf.load_model(gguf_file, model_config, mesh)
   folder = resolve(path_or_hub_id)
   model, _ = _load(folder, load_config(folder, model_config), mesh)
   return model
