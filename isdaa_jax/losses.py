@@ -7,7 +7,19 @@ vmap-able and differentiable. bfloat16 (and float16) inputs are computed in floa
 Notation (per preference pair, log-probs summed over response tokens):
   u_w = lp_w - rp_w, u_l = lp_l - rp_l, delta = u_w - u_l, a_y = lp_y / n_y.
 
-The formulas are those of ARCHITECTURE.md section 2; `daa_loss` is the public entry point.
+Per-pair losses, then averaged over the batch (`daa_loss` is the public entry point):
+  dpo      -log sigmoid(beta delta); cDPO: -(1-e) log sigmoid(beta delta) - e log sigmoid(-beta delta)
+  ipo      (h - 1/(2 beta))^2, h = delta, or u_w/n_w - u_l/n_l with ipo_length_normalize
+  hinge    relu(1 - beta delta)                                    (SLiC)
+  rdpo     -log sigmoid(beta delta + a (n_w - n_l))               (Park et al. 2024)
+  simpo    -log sigmoid(beta (a_w - a_l) - gamma)
+  alphapo  -log sigmoid(beta (r_w - r_l) - gamma), r = (1 - exp(-alpha a_y)) / alpha (SimPO at 0)
+  chipo    dpo with phi(u) = exp(u) + u in place of u
+  + sft_weight * NLL(y_w), token mean or sum (RPO)
+Importance weight (IS-DAAs), never differentiated: w = exp(min((lp_w - mu_w) + (lp_l - mu_l),
+2 eps)), mu the behavior policy's log-probs when the data has them, else the reference's; the
+IS-DAA loss is mean(w * loss). `config.loss.importance` also holds ablations that are not in the
+paper (a per-token-mean log-ratio, a lower clip, batch self-normalization).
 """
 
 from typing import Mapping, NamedTuple, Optional

@@ -14,7 +14,8 @@ from isdaa_jax import defaults
 from isdaa_jax import losses
 
 # ---------------------------------------------------------------------------------------------
-# Independent reference: written from ARCHITECTURE.md section 2 in float64, sharing no code.
+# Independent reference: written from the formulas (losses.py's docstring and the papers) in
+# float64, sharing no code.
 
 
 def _log_sigmoid64(x):
