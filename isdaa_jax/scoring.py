@@ -70,9 +70,9 @@ def score_pairs(model: nnx.Module, pairs: Sequence[Mapping], mesh: Mesh, *, layo
                       'entries; tokenize with the model\'s tokenizer (--tokenizer)')
   dp = mesh.shape['data'] * mesh.shape['fsdp']
   rows = -(-batch_size // dp) * dp
-  batches = [np.concatenate([idx, np.full(rows - len(idx), idx[0])])
-             for idx in grouped_batches(pairs, rows, layout)]
-  sizes = [len(idx) for idx in grouped_batches(pairs, rows, layout)]
+  groups = list(grouped_batches(pairs, rows, layout))
+  sizes = [len(idx) for idx in groups]
+  batches = [np.concatenate([idx, np.full(rows - len(idx), idx[0])]) for idx in groups]
   min_rows = max((layout.num_rows([pairs[i] for i in idx], dp) for idx in batches), default=0)
   graphdef, state = nnx.split(model)
   step = jax.jit(lambda state, batch: _forward(nnx.merge(graphdef, state), batch, layout,
