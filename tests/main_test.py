@@ -93,36 +93,32 @@ def test_nan_loss_stops_with_one_message_and_keeps_the_last_good_checkpoint(tmp_
   assert all(isinstance(r['loss'], float) and isinstance(r['param_norm'], float) for r in rows)
 
 
-def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+def _signal_after_three_steps(tmp_path, sig, *extra):
+  """Starts a long tiny run, sends `sig` once 3 steps are logged; (process, stderr) at its exit."""
   cmd = [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py',
          f'--workdir={tmp_path}', '--config.train.num_steps=100000',
-         '--config.checkpoint.every_steps=100000', '--config.train.eval_every=0']
+         '--config.checkpoint.every_steps=100000', '--config.train.eval_every=0', *extra]
   proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 240
   while time.time() < deadline and len(_losses(tmp_path)) < 3:
     time.sleep(0.5)
   assert len(_losses(tmp_path)) >= 3, 'training did not start'
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=120)
+  return proc, err
+
+
+def test_sigterm_checkpoints_and_exits_zero(tmp_path):
+  proc, err = _signal_after_three_steps(tmp_path, signal.SIGTERM)
   assert proc.returncode == 0, err[-2000:]
   saved = [int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit()]
   assert len(saved) == 1 and 3 <= saved[0] < 100000
 
 
 def test_first_sigint_checkpoints_exits_130_and_resume_continues(tmp_path):
-  cmd = [sys.executable, '-m', 'isdaa_jax.main', '--config=configs/tiny.py',
-         f'--workdir={tmp_path}', '--config.train.num_steps=100000',
-         '--config.checkpoint.every_steps=100000', '--config.train.eval_every=0',
-         '--config.train.log_every=1', '--config.train.progress_bar=False']
-  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  deadline = time.time() + 240
-  while time.time() < deadline and len(_losses(tmp_path)) < 3:
-    time.sleep(0.5)
-  assert len(_losses(tmp_path)) >= 3, 'training did not start'
-  proc.send_signal(signal.SIGINT)
-  _, err = proc.communicate(timeout=120)
+  proc, err = _signal_after_three_steps(tmp_path, signal.SIGINT, '--config.train.log_every=1',
+                                        '--config.train.progress_bar=False')
   assert proc.returncode == 130, err[-2000:]
   assert 'Traceback' not in err
   assert err.strip().splitlines()[-1] == (
