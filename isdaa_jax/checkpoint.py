@@ -12,9 +12,11 @@ lowest eval loss.
 
 import contextlib
 import errno
+import gc
 import os
 import pathlib
 import shutil
+import sys
 import time
 from typing import Any, Optional
 
@@ -131,6 +133,7 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
+        _quiet_abandoned_reads()
         first_error = first_error or f'step {step}: {type(e).__name__}: {_first_line(e)}'
         unreadable.append((step, f'{type(e).__name__}: {_first_line(e)}'))
         continue
@@ -167,6 +170,53 @@ class Checkpointer:
 
   def close(self):
     self._manager.close()
+
+
+def _is_abandoned_read(exc: BaseException, tb) -> bool:
+  """Whether an exception is debris of a failed Orbax restore, not a fault of its own.
+
+  When one array of a checkpoint is unreadable, Orbax stops the restore and closes its event
+  loop while TensorStore still completes the other reads: those reads raise into a closed loop
+  ('Event loop is closed', printed by TensorStore through `sys.excepthook`) or are
+  garbage-collected still holding their own error (through `sys.unraisablehook`). Python prints
+  each as a traceback, after the one-sentence warning that already says what happened.
+  """
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and 'orbax' in tb.tb_frame.f_code.co_filename
+
+
+def _quiet_abandoned_reads():
+  """Drops the failed restore's debris (see `_is_abandoned_read`); everything else still prints.
+
+  Installed for the rest of the process, since the debris can surface at any later collection
+  or TensorStore callback.
+  """
+  if not getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
+    previous_unraisable = sys.unraisablehook
+
+    def unraisable_hook(unraisable):
+      if _is_abandoned_read(unraisable.exc_value, unraisable.exc_traceback):
+        logging.debug('dropped debris of a failed checkpoint read: %s', unraisable.exc_value)
+      else:
+        previous_unraisable(unraisable)
+
+    unraisable_hook.drops_abandoned_reads = True
+    sys.unraisablehook = unraisable_hook
+  if not getattr(sys.excepthook, 'drops_abandoned_reads', False):
+    previous_except = sys.excepthook
+
+    def except_hook(exc_type, exc, tb):
+      if _is_abandoned_read(exc, tb):
+        logging.debug('dropped debris of a failed checkpoint read: %s', exc)
+      else:
+        previous_except(exc_type, exc, tb)
+
+    except_hook.drops_abandoned_reads = True
+    sys.excepthook = except_hook
+  gc.collect()  # The abandoned coroutines surface now, not in the middle of training output.
 
 
 def _first_line(e: Exception) -> str:
