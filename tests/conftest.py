@@ -6,6 +6,10 @@ import os
 # want one device build a 1-device mesh explicitly.
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
+# With the TPU compiler installed (the `tpu` extra, for isdaa_jax.plan), JAX would try a TPU backend
+# first and print libtpu's warnings: the tests and the subprocesses they start run on CPU, and the
+# plan tests reach TPU topologies explicitly.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 
 import jax  # noqa: E402
