@@ -186,6 +186,10 @@ def validate(config: ml_collections.ConfigDict):
            'config.checkpoint.every_steps must be >= 1 (the last step is always saved, so a '
            f'value above train.num_steps saves only at the end), got '
            f'{config.checkpoint.every_steps}')
+  ratio = config.train.max_param_norm_ratio
+  _require(ratio == 0 or ratio > 1,
+           'config.train.max_param_norm_ratio must be > 1 (a multiple of the starting parameter '
+           f'norm) or 0 (off), got {ratio}')
   _require(config.train.log_every >= 1,
            'config.train.log_every must be >= 1 (a value above train.num_steps logs only the '
            f'last step), got {config.train.log_every}')

@@ -215,6 +215,10 @@ def train_config() -> ml_collections.ConfigDict:
   t.eval_batches = 16
   # Peak FLOP/s of one device for MFU; 0 measures a large matmul at start-up.
   t.peak_flops_per_device = 0.0
+  # The run stops as diverged (keeping the last good checkpoint) when the parameter norm exceeds
+  # this multiple of the starting weights' norm: fine-tuning moves it by a few percent, a far
+  # too high learning rate by orders of magnitude. 0 or inf = off.
+  t.max_param_norm_ratio = 100.0
   # Where reference log-probs come from: 'model' (a frozen reference model runs in the step),
   # 'precomputed' (columns of the data, written by `isdaa_jax.score`; no reference model is held),
   # 'cached' (like 'precomputed', read from `reference_cache`; a missing cache is computed once

@@ -1,10 +1,10 @@
 """Trains a policy: `python -m isdaa_jax.main --config=configs/hh.py --workdir=DIR`.
 
 Any config key can be overridden: `--config.loss.name=ipo --config.train.num_steps=200`.
-The resolved config is written to DIR/config.json; rerunning on the same DIR resumes.
+The resolved config is written to DIR/config.json once the run is accepted (an earlier, different
+one is kept as DIR/config.<time>.json); rerunning on the same DIR resumes.
 """
 
-import json
 import pathlib
 import sys
 
@@ -41,8 +41,7 @@ def main(argv):
     checkpoint.check_writable(workdir)
     distributed.initialize(config.distributed)  # for process_index: only process 0 locks
     with workdir_lock.WorkdirLock(workdir, take=jax.process_index() == 0):
-      (workdir / 'config.json').write_text(json.dumps(json.loads(config.to_json()), indent=2))
-      train.run(config, workdir)
+      train.run(config, workdir)  # writes config.json once the run is accepted
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)

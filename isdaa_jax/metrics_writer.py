@@ -2,11 +2,12 @@
 
 import json
 import math
-import os
 import pathlib
 from typing import Mapping
 
 import jax
+
+from isdaa_jax import atomic_file
 
 
 class MetricsWriter:
@@ -32,9 +33,7 @@ class MetricsWriter:
     kept = [l for l in lines if l.strip() and _step(l) <= step]
     if len(kept) == len(lines):
       return
-    tmp = self._path.with_name(self._path.name + '.tmp')
-    tmp.write_text(''.join(l if l.endswith('\n') else l + '\n' for l in kept))
-    os.replace(tmp, self._path)
+    atomic_file.write_text(self._path, ''.join(l if l.endswith('\n') else l + '\n' for l in kept))
 
   def write(self, step: int, scalars: Mapping[str, float], tensorboard: bool = True):
     if not self._active:

@@ -25,7 +25,6 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import os
 import pathlib
 import time
 import zipfile
@@ -37,6 +36,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 import isdaa_jax
+from isdaa_jax import atomic_file
 from isdaa_jax.errors import UserError
 
 FORMAT = 'isdaa_jax.reference_cache/1'
@@ -175,17 +175,8 @@ def save(path, key: Key, arrays: Mapping[str, np.ndarray]):
                   num_pairs=key.num_pairs, arrays_sha256=_arrays_digest(arrays),
                   isdaa_jax_version=isdaa_jax.__version__,
                   created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-  try:
-    with open(tmp, 'wb') as f:
-      np.savez(f, metadata=np.asarray(json.dumps(metadata)), **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
+  with atomic_file.replace(path, 'wb') as f:
+    np.savez(f, metadata=np.asarray(json.dumps(metadata)), **arrays)
 
 
 def load(path, expected: Key) -> dict[str, np.ndarray]:

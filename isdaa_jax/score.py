@@ -35,7 +35,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from isdaa_jax import cli, defaults, reference_cache, scoring, sharding
+from isdaa_jax import atomic_file, cli, defaults, reference_cache, scoring, sharding
 from isdaa_jax import layout as layout_lib
 from isdaa_jax.data import collate, pipeline, sources
 from isdaa_jax.data.tokenize import PairTokenizer
@@ -101,6 +101,23 @@ def tokenized_examples(rows: Sequence[Mapping], source: str, data_config, tokeni
   return kept, stats
 
 
+def _same_file(a: pathlib.Path, b: pathlib.Path) -> bool:
+  if a.exists() and b.exists():
+    return a.samefile(b)  # also through links
+  return a.resolve() == b.resolve()
+
+
+def _check_outputs(pairs: pathlib.Path, **outputs: Optional[str]):
+  """Refuses an output that would overwrite the input pairs or the other output."""
+  given = {f'--{flag}': pathlib.Path(p).expanduser() for flag, p in outputs.items() if p}
+  for flag, out in given.items():
+    if _same_file(out, pairs):
+      raise UserError(f'{flag} {out} is the --pairs input; write the scores to another file '
+                      '(the input is left untouched)')
+  if len(given) == 2 and _same_file(*given.values()):
+    raise UserError(f'--out and --cache_out are both {given["--out"]}; give them different files')
+
+
 def run(config, *, model: str, reference: Optional[str], pairs_path: str,
         out_path: Optional[str], tokenizer: Optional[str], batch_size: Optional[int], source: str,
         as_reference: bool, cache_path: Optional[str] = None) -> dict:
@@ -117,6 +134,7 @@ def run(config, *, model: str, reference: Optional[str], pairs_path: str,
   if not path.is_file():
     raise MissingFileError(f'--pairs {pairs_path} does not exist; give a .jsonl/.json/.parquet '
                             'file of pairs')
+  _check_outputs(path, out=out_path, cache_out=cache_path)
   tokenizer = tokenizer or config.data.tokenizer or model
   examples, stats = tokenized_examples(sources.read_file(path), source, config.data, tokenizer,
                                        str(path))
@@ -145,9 +163,7 @@ def run(config, *, model: str, reference: Optional[str], pairs_path: str,
     reference_cache.save(pathlib.Path(cache_path).expanduser(), key,
                          dataclasses.asdict(policy if as_reference else ref))
   if out_path and jax.process_index() == 0:
-    out = pathlib.Path(out_path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, 'w') as f:
+    with atomic_file.replace(pathlib.Path(out_path).expanduser()) as f:
       for row in output_rows(examples, policy, ref, as_reference):
         f.write(json.dumps(row) + '\n')
   return stats.as_dict()

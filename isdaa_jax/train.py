@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from isdaa_jax import layout as layout_lib
-from isdaa_jax import losses, sharding
+from isdaa_jax import losses, run_files, sharding
 from isdaa_jax import policy as policy_lib
 from isdaa_jax import reference as reference_lib
 from isdaa_jax import throughput as throughput_lib
@@ -215,12 +215,25 @@ def describe_nonfinite(metrics: dict) -> Optional[str]:
   return ', '.join(bad) if bad else None
 
 
+def describe_norm_blowup(param_norm: float, start_norm: float, max_ratio: float) -> Optional[str]:
+  """Why `param_norm` counts as diverged against the starting norm, or None (0/inf = off).
+
+  Finite but huge weights (a learning rate far too high) would otherwise train on, be saved as
+  the last good checkpoint, and diverge again from there.
+  """
+  if not 0 < max_ratio < np.inf or start_norm <= 0 or param_norm <= max_ratio * start_norm:
+    return None
+  return (f'param_norm grew to {param_norm:.3g}, {param_norm / start_norm:.3g} times its '
+          f'starting {start_norm:.3g} (over config.train.max_param_norm_ratio={max_ratio:g})')
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop.
 
 
 class TrainingDiverged(UserError):
-  """The loss or gradient became NaN/Inf; the last good checkpoint is kept."""
+  """The loss, gradient or parameters became NaN/Inf, or the parameter norm blew up; the last
+  good checkpoint is kept."""
 
 
 def _to_host(metrics) -> dict:
@@ -243,9 +256,9 @@ def _evaluate(run_setup: Setup, params, reference, batches, max_batches: int) ->
 class _StepLog:
   """Pulls each step's metrics (one step late), checks them, times the window and writes them."""
 
-  def __init__(self, config, writer, throughput, checkpointer, start: int):
+  def __init__(self, config, writer, throughput, checkpointer, start: int, start_norm: float):
     self._config, self._writer, self._throughput = config, writer, throughput
-    self._checkpointer, self._start = checkpointer, start
+    self._checkpointer, self._start, self._start_norm = checkpointer, start, start_norm
     self.last_good_step = start
     self.clock = time.perf_counter()  # when the newest pulled step was seen finished
 
@@ -256,11 +269,13 @@ class _StepLog:
       self._throughput.add(metrics['tokens'], now - self.clock)
     self.clock = now
     bad = describe_nonfinite(metrics)
+    bad = f'{bad} became non-finite' if bad else describe_norm_blowup(
+        metrics['param_norm'], self._start_norm, self._config.train.max_param_norm_ratio)
     if bad:
       kept = (f'the last good checkpoint (step {self.last_good_step}) in '
               f'{self._checkpointer.directory} is intact and a rerun resumes from it'
               if self.last_good_step else 'no checkpoint had been written yet')
-      raise TrainingDiverged(f'{bad} became non-finite at step {step}; {kept}; lower '
+      raise TrainingDiverged(f'{bad} at step {step}; {kept}; lower '
                              'config.optimizer.learning_rate or check the data')
     num_steps = self._config.train.num_steps
     report = step % self._config.train.log_every == 0 or step == num_steps
@@ -290,6 +305,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   reference = reference_lib.build(config, mesh, params, run_setup.params_sharding)
   data = pipeline.load(config.data, model_path=config.model.path,
                        vocab_size=run_setup.model_cfg.vocab_size)
+  if jax.process_index() == 0:
+    print('\n'.join(pipeline.describe(data.summary)), flush=True)
   splits = {'train': data.train, **({} if data.eval is None else {'eval': data.eval})}
   if config.train.reference == 'cached':
     splits = reference_lib.attach_cached(config, workdir, mesh, splits, graphdef, params)
@@ -301,10 +318,23 @@ def run(config, workdir, step_hooks=()) -> TrainState:
                                                  row_multiple=dp) if 'eval' in splits else iter(()))
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True)
   state = checkpointer.restore_latest(run_setup.abstract_state, train_iterator)
+  # The norm blow-up check compares against the starting weights, also on resume.
+  start_norm = float(optax.tree.norm(params))
   if state is None:
     state = run_setup.init_state(params)
   else:
     logging.info('resumed from step %d', int(state.step))
+    blowup = describe_norm_blowup(float(optax.tree.norm(state.params)), start_norm,
+                                  config.train.max_param_norm_ratio)
+    if blowup:
+      raise TrainingDiverged(
+          f'the checkpoint at step {int(state.step)} in {checkpointer.directory} already '
+          f'diverged: {blowup}; move it out of the folder to resume from an earlier one, or use '
+          'a new --workdir')
+  # The run is accepted: what it trains under and on is recorded only now.
+  config_json = json.loads(config.to_json())
+  run_files.write_config(workdir, config_json)
+  run_files.write_data_summary(workdir, data.summary)
   if config.sample_eval.every:
     from isdaa_jax import evaluate  # pylint: disable=g-import-not-at-top
     # KL is measured to the reference model, or to the starting policy when none is held.
@@ -317,13 +347,12 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   peak = config.train.peak_flops_per_device or throughput_lib.measure_peak_flops()
   throughput = throughput_lib.Throughput(throughput_lib.flops_per_token(
       run_setup.model_cfg.num_params(), config.train.reference), peak * jax.device_count())
-  config_json = json.loads(config.to_json())
   preemption = Preemption()
   start = int(state.step)
   writer.drop_after(start)  # rows past the restored checkpoint are logged again
   bar = tqdm.tqdm(total=num_steps, initial=start, disable=not config.train.progress_bar
                   or jax.process_index() != 0, desc='train')
-  log = _StepLog(config, writer, throughput, checkpointer, start)
+  log = _StepLog(config, writer, throughput, checkpointer, start, start_norm)
 
   def run_hooks(step):
     scalars = {}

@@ -45,6 +45,8 @@ def test_base_config_is_valid():
     ({'train.num_steps': 0}, r'num_steps must be > 0'),
     ({'checkpoint.every_steps': 0}, r'config.checkpoint.every_steps must be >= 1'),
     ({'train.log_every': 0}, r'config.train.log_every must be >= 1'),
+    ({'train.max_param_norm_ratio': 1.0}, r'max_param_norm_ratio must be > 1 .* or 0 \(off\)'),
+    ({'train.max_param_norm_ratio': float('nan')}, r'max_param_norm_ratio must be > 1'),
     ({'distributed.initialize': 'yes'}, r'config.distributed.initialize'),
     ({'sample_eval.every': 5}, r'needs config.sample_eval.prompts'),
     ({'sample_eval.every': 5, 'sample_eval.prompts': 'p.jsonl'}, r'exactly one of'),
@@ -91,3 +93,8 @@ def test_hh_isdaa_config_is_the_authors_released_settings():
   assert config.data.batch_size // o.grad_accum_steps == 16
   assert config.data.num_epochs == 1 and config.data.source == 'hh'
   assert config.model.path  # the user's SFT checkpoint, a placeholder until set
+
+
+@pytest.mark.parametrize('off', [0.0, float('inf')])
+def test_max_param_norm_ratio_off_is_valid(off):
+  config_lib.validate(_cfg(**{'train.max_param_norm_ratio': off}))

@@ -255,3 +255,42 @@ def test_hh_text_pipeline_counts_drops_and_fits_buckets(tmp_path):
     assert batch['rejected_loss_mask'].sum(axis=1).min() >= 1
   limited = pipeline.load(_data(HH_FIXTURE, source='hh', tokenizer=tok, max_examples=5))
   assert limited.summary['train']['kept'] == 5 and len(limited.train) == 5
+
+
+def test_impossible_log_probs_are_dropped_and_counted(tmp_path):
+  rows = _id_rows(20, logps=True)
+  rows[3]['chosen_logps'] = float('nan')
+  rows[4]['ref_rejected_logps'] = float('inf')
+  rows[5]['rejected_logps'] = 2.0
+  rows[6]['ref_rejected_logps'] = None  # one side only: a malformed row, not a drop
+  path = tmp_path / 'p.jsonl'
+  # json.dumps writes NaN and Infinity, as Python and pandas do.
+  with pytest.raises(sources.MalformedRowError, match=r'row 6 of .*p\.jsonl .* is malformed: '
+                     'it has reference log-probs for only one side'):
+    pipeline.load(_data(_write(path, rows)))
+  del rows[6]
+  data = pipeline.load(_data(_write(path, rows)))
+  assert data.summary['train']['dropped'] == {'nonfinite_logps': 2, 'positive_logps': 1}
+  assert data.summary['train']['kept'] == len(data.train) == 16
+  assert np.isfinite(data.train.columns['behavior_chosen_logps']).all()
+  assert (data.train.columns['reference_rejected_logps'] <= 0).all()
+  assert pipeline.describe(data.summary) == [
+      'data train: kept 16 of 19 rows; dropped 2 nonfinite_logps, 1 positive_logps']
+
+
+def test_every_row_dropped_is_one_sentence_with_the_reasons(tmp_path):
+  rows = [dict(prompt_ids=[1, 4], chosen_ids=[5, 2], rejected_ids=[5, 2])] * 30 + [
+      dict(prompt_ids=[1, 4], chosen_ids=[], rejected_ids=[6, 2])] * 10
+  path = _write(tmp_path / 'f.jsonl', rows)
+  with pytest.raises(sources.DataSourceError) as e:
+    pipeline.load(_data(path))
+  assert str(e.value).startswith(f'all 40 rows of {path} (train) were dropped: 30 '
+                                 'identical_responses, 10 empty_response; ')
+
+
+def test_rows_that_are_not_objects_are_refused_with_their_index(tmp_path):
+  rows = _id_rows(3)
+  (tmp_path / 'l.json').write_text(json.dumps([rows[0], [1, 2], rows[2]]))
+  with pytest.raises(sources.MalformedRowError, match=r'row 1 of .*l\.json \(train\) is a list, '
+                     'not an object'):
+    pipeline.load(_data(tmp_path / 'l.json'))

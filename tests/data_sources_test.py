@@ -211,3 +211,62 @@ def test_unreachable_hub_is_one_sentence_naming_the_path_key():
   message = str(e.value)
   assert 'config.data.path' in message and 'no-such-owner/no-such-dataset' in message
   assert '\n' not in message and message.count('; ') <= 2
+
+
+def _damaged_files(folder: pathlib.Path) -> dict[str, tuple[pathlib.Path, str]]:
+  """Data files as users damage them -> (path, the start of the sentence they must get)."""
+  rows = [dict(prompt_ids=[1, 4], chosen_ids=[5, 2], rejected_ids=[6, 2]) for _ in range(300)]
+  good = ''.join(json.dumps(r) + '\n' for r in rows).encode()
+  first = good[:good.index(b'\n') + 1]
+  files = {}
+  whole = gzip.compress(good)
+  files['truncated_gz'] = ('t.jsonl.gz', whole[:len(whole) // 2],
+                           r'.*t\.jsonl\.gz ends before its gzip stream does \(after line \d+\)')
+  files['not_gzip'] = ('p.jsonl.gz', good, r'.*p\.jsonl\.gz is named \.gz but is not gzip')
+  files['not_utf8'] = ('u.jsonl', first + b'{"prompt": "caf\xe9"}\n',
+                       r'line 2 of .*u\.jsonl holds bytes that are not UTF-8 \(at byte 15 ')
+  files['list_row'] = ('l.jsonl', first + b'[1, 2, 3]\n',
+                       r'line 2 of .*l\.jsonl is a JSON list, not an object')
+  files['bad_parquet'] = ('c.parquet', b'PAR1' + good[:100],
+                          r'.*c\.parquet is not a readable Parquet file \(')
+  out = {}
+  for case, (name, content, sentence) in files.items():
+    (folder / name).write_bytes(content)
+    out[case] = (folder / name, sentence)
+  return out
+
+
+def test_damaged_files_are_one_sentence_naming_file_and_row(tmp_path):
+  for case, (path, sentence) in _damaged_files(tmp_path).items():
+    with pytest.raises(sources.DataSourceError, match=sentence) as e:
+      sources.read_file(path)
+    assert '\n' not in str(e.value) and '; ' in str(e.value), case
+  # A .json list whose rows are not objects, and a log-prob that is no number, are refused with
+  # their row by the parser's caller (the pipeline adds file and row).
+  (tmp_path / 'x.json').write_bytes(b'{"prompt": "caf\xe9"}\n')
+  with pytest.raises(sources.DataSourceError, match=r'line 1 of .*x\.json holds bytes'):
+    sources.read_file(tmp_path / 'x.json')
+  row = dict(prompt_ids=[1, 4], chosen_ids=[5, 2], rejected_ids=[6, 2])
+  with pytest.raises(sources.MalformedRowError, match="its 'chosen_logps' holds 'abc', not a"):
+    sources.parse_ids(dict(row, chosen_logps='abc', rejected_logps=-1.0))
+
+
+def test_token_ids_must_be_integers():
+  row = dict(prompt_ids=[1, 4], chosen_ids=[5, 2], rejected_ids=[6, 2])
+  # Integral floats are the ids they name (pandas writes int columns with gaps as floats).
+  assert sources.parse_ids(dict(row, chosen_ids=[5.0, 2.0])).chosen_ids == [5, 2]
+  for bad, shown in ((7.5, '7.5'), (float('nan'), 'nan'), (float('inf'), 'inf')):
+    with pytest.raises(sources.MalformedRowError,
+                       match=f"its 'rejected_ids' holds {shown}, not an integer token id"):
+      sources.parse_ids(dict(row, rejected_ids=[6, bad, 2]))
+
+
+def test_impossible_log_probs_are_drop_reasons():
+  ok = dict(behavior_chosen_logps=-3.0, behavior_rejected_logps=0.0)
+  assert sources.logps_problem(ok) is None
+  assert sources.logps_problem({}) is None
+  assert sources.logps_problem(dict(ok, reference_chosen_logps=float('nan'))) == 'nonfinite_logps'
+  assert sources.logps_problem(dict(ok, behavior_chosen_logps=float('inf'))) == 'nonfinite_logps'
+  assert sources.logps_problem(dict(ok, behavior_rejected_logps=0.5)) == 'positive_logps'
+  # float32 rounding of a near-certain response's sum stays a valid log-prob.
+  assert sources.logps_problem(dict(ok, behavior_rejected_logps=1e-5)) is None

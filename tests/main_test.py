@@ -1,5 +1,6 @@
 """End to end through `isdaa_jax.main` and `train.run`: metrics, resume, NaN stop, SIGTERM, errors."""
 
+import gzip
 import json
 import os
 import pathlib
@@ -157,3 +158,79 @@ def test_generation_eval_inside_training_logs_sample_metrics(tmp_path):
   assert [r['step'] for r in rows] == [0, 2, 4]
   assert abs(rows[0]['sample/kl']) < 1e-3  # the policy starts as the reference
   assert all(0.0 <= r['sample/win_rate'] <= 1.0 for r in rows)
+
+
+def _data_cli(*overrides):
+  cmd = [sys.executable, '-m', 'isdaa_jax.data', '--config=configs/tiny.py', *overrides]
+  return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _error_line(res) -> str:
+  assert res.returncode == 1, res.stderr[-2000:]
+  assert 'Traceback' not in res.stderr, res.stderr[-2000:]
+  return res.stderr.strip().splitlines()[-1]
+
+
+def test_damaged_data_file_is_the_same_sentence_from_main_and_the_data_cli(tmp_path):
+  rows = ''.join(json.dumps(dict(prompt_ids=[1, 4 + i % 50], chosen_ids=[5, 2],
+                                 rejected_ids=[6, 2])) + '\n' for i in range(400))
+  whole = gzip.compress(rows.encode())
+  path = tmp_path / 'pairs.jsonl.gz'
+  path.write_bytes(whole[:len(whole) // 2])
+  data = ('--config.data.source=pairs', f'--config.data.path={path}')
+  from_main = _error_line(_main(tmp_path / 'run', *data))
+  from_cli = _error_line(_data_cli(*data, f'--dump={tmp_path / "dump.jsonl"}'))
+  assert from_main == from_cli
+  assert from_main.startswith(f'error: {path} ends before its gzip stream does (after line ')
+  assert not (tmp_path / 'run' / 'config.json').exists()  # a rejected run records nothing
+
+
+def test_every_row_dropped_names_the_file_and_the_reasons(tmp_path):
+  rows = [dict(prompt_ids=[1, 4], chosen_ids=[5, 2], rejected_ids=[5, 2])] * 30 + [
+      dict(prompt_ids=[1, 4], chosen_ids=[5, 2], rejected_ids=[])] * 10
+  path = tmp_path / 'f.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  line = _error_line(_main(tmp_path / 'run', '--config.data.source=pairs',
+                           f'--config.data.path={path}'))
+  assert line.startswith(f'error: all 40 rows of {path} (train) were dropped: 30 '
+                         'identical_responses, 10 empty_response; ')
+
+
+def _blowup_config(num_steps, max_ratio):
+  # Warmup from 0: step 1 updates nothing, step 2's rate of 5e3 multiplies the weight norm by
+  # ~1e5 while every value stays finite.
+  cfg = _quiet_tiny(num_steps)
+  cfg.optimizer.learning_rate = 1e4
+  cfg.checkpoint.every_steps = 1
+  cfg.train.eval_every = 0
+  cfg.train.max_param_norm_ratio = max_ratio
+  return cfg
+
+
+def test_parameter_norm_blowup_is_divergence_and_never_the_last_good_checkpoint(tmp_path):
+  with pytest.raises(train.TrainingDiverged) as e:
+    train.run(_blowup_config(5, 100.0), tmp_path / 'a')
+  message = str(e.value)
+  assert message.startswith('param_norm grew to ') and (
+      '(over config.train.max_param_norm_ratio=100) at step 2; the last good checkpoint '
+      '(step 1)') in message, message
+  saved = sorted(int(p.name) for p in (tmp_path / 'a' / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert saved == [1]
+  # Off (inf), the same run trains on and checkpoints the blown-up weights ...
+  train.run(_blowup_config(2, float('inf')), tmp_path / 'b')
+  norms = {r['step']: r['param_norm'] for r in read_metrics(tmp_path / 'b') if 'param_norm' in r}
+  assert norms[2] > 100 * norms[1]
+  # ... which a run with the check refuses to resume from, naming that checkpoint.
+  with pytest.raises(train.TrainingDiverged, match=r'the checkpoint at step 2 in .* already '
+                     r'diverged: param_norm grew to .*; move it out of the folder'):
+    train.run(_blowup_config(4, 100.0), tmp_path / 'b')
+
+
+def test_describe_norm_blowup_thresholds():
+  assert train.describe_norm_blowup(99.0, 1.0, 100.0) is None
+  assert train.describe_norm_blowup(101.0, 1.0, 100.0) == (
+      'param_norm grew to 101, 101 times its starting 1 (over '
+      'config.train.max_param_norm_ratio=100)')
+  for off in (0.0, float('inf')):
+    assert train.describe_norm_blowup(1e30, 1.0, off) is None

@@ -15,6 +15,7 @@ from flax import nnx
 from isdaa_jax import defaults, reference_cache, score, scoring, sharding
 from isdaa_jax import layout as layout_lib
 from isdaa_jax.data.tokenize import PairTokenizer
+from isdaa_jax.errors import UserError
 from isdaa_jax.data import sources
 from isdaa_jax.model import hf
 from isdaa_jax.model.llama import Llama, LlamaConfig
@@ -214,3 +215,33 @@ def test_prefix_shared_and_packed_scoring_equal_padded_scoring(layout):
   for name in ('chosen_logps', 'rejected_logps', 'chosen_tokens', 'rejected_tokens'):
     np.testing.assert_allclose(getattr(other, name), getattr(padded, name), rtol=1e-5,
                                atol=1e-4, err_msg=name)
+
+
+def test_out_may_not_be_an_input_and_is_replaced_atomically(tmp_path, monkeypatch):
+  rows = _id_rows(4, seed=5) + [dict(prompt_ids=[1, 4], chosen_ids=[5, 2], rejected_ids=[5, 2])]
+  pairs = _write_jsonl(tmp_path / 'in.jsonl', rows)
+  before = pathlib.Path(pairs).read_bytes()
+  (tmp_path / 'link.jsonl').symlink_to(pairs)
+  args = dict(model=POLICY, reference=None, tokenizer=None, batch_size=2, source='pairs',
+              as_reference=True)
+  for out, cache in ((pairs, None), (str(tmp_path / 'link.jsonl'), None), (None, pairs),
+                     (str(tmp_path / 'o'), str(tmp_path / 'o'))):
+    with pytest.raises(UserError, match=r'(is the --pairs input|are both .*/o); '):
+      score.run(_config(), pairs_path=pairs, out_path=out, cache_path=cache, **args)
+  assert pathlib.Path(pairs).read_bytes() == before
+  # A run that fails while writing leaves an earlier output as it was, and no temporary file.
+  out = tmp_path / 'scores.jsonl'
+  out.write_text('earlier\n')
+
+  def fail_midway(*a, **kw):
+    yield {'index': 0}
+    raise RuntimeError('killed')
+
+  monkeypatch.setattr(score, 'output_rows', fail_midway)
+  with pytest.raises(RuntimeError, match='killed'):
+    score.run(_config(), pairs_path=pairs, out_path=str(out), **args)
+  assert out.read_text() == 'earlier\n' and sorted(p.name for p in tmp_path.iterdir()) == [
+      'in.jsonl', 'link.jsonl', 'scores.jsonl']
+  monkeypatch.undo()
+  score.run(_config(), pairs_path=pairs, out_path=str(out), **args)
+  assert len(_read_jsonl(out)) == 4 and pathlib.Path(pairs).read_bytes() == before

@@ -112,10 +112,17 @@ def examples(rows: Sequence[Mapping], source: str, tokenizer: PairTokenizer, whe
   for start in range(0, n, _CHUNK):
     batch = []
     for i in range(start, min(start + _CHUNK, n)):
+      row = rows[i]
+      if not isinstance(row, Mapping):
+        raise sources.MalformedRowError(f'row {i} of {where} is a {type(row).__name__}, not an '
+                                        'object; write one {"column": value, ...} per row')
       try:
-        batch.append((i, parse(rows[i])))
+        parsed = parse(row)
       except sources.MalformedRowError as e:
         raise sources.MalformedRowError(f'row {i} of {where} is malformed: {e}') from None
+      if not isinstance(parsed, str):
+        parsed = sources.logps_problem(parsed.logps) or parsed
+      batch.append((i, parsed))
     parsed = [p for _, p in batch if not isinstance(p, str)]
     tokenized = iter(zip(tokenizer(parsed), tokenizer.cuts))
     for i, p in batch:
@@ -137,7 +144,37 @@ def _load_split(rows, data, tokenizer, where, limit) -> tuple[PairStore, SplitSt
   stats = SplitStats()
   kept = [ex.pair for ex in examples(rows, data.source, tokenizer, where, limit, stats)
           if ex.pair is not None]
+  if stats.rows and not kept:
+    raise DataSourceError(f'all {stats.rows} rows of {where} were dropped: '
+                          f'{_counts(stats.dropped)}; check config.data.source and the rows '
+                          '(python -m isdaa_jax.data --dump previews what is kept)')
   return PairStore(kept), stats
+
+
+def _counts(counter: Mapping[str, int]) -> str:
+  """'30 identical_responses, 10 empty_response': most frequent first."""
+  return ', '.join(f'{n} {reason}' for reason, n in
+                   sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])) if n)
+
+
+def describe(summary: Mapping) -> list[str]:
+  """The console lines of a `PairData.summary`: kept and dropped counts of each split."""
+  eval_summary = summary.get('eval') or {}
+  held_out = eval_summary.get('held_out_from_train', 0)
+  lines = []
+  for split, s in (('train', summary['train']), ('eval', eval_summary)):
+    if 'rows' not in s:
+      continue
+    kept = s['kept'] + (held_out if split == 'train' else 0)
+    line = f'data {split}: kept {kept} of {s["rows"]} rows'
+    if split == 'train' and held_out:
+      line += f' ({held_out} of them held out for eval)'
+    if any(s['dropped'].values()):
+      line += f'; dropped {_counts(s["dropped"])}'
+    if any(s['truncated'].values()):
+      line += f'; truncated {_counts(s["truncated"])}'
+    lines.append(line)
+  return lines
 
 
 @dataclasses.dataclass

@@ -28,6 +28,7 @@ import gzip
 import json
 import pathlib
 import re
+import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -95,7 +96,11 @@ def _logps(row: Mapping) -> dict[str, float]:
   for name, aliases in LOGP_ALIASES.items():
     for alias in aliases:
       if alias in row and row[alias] is not None:
-        out[name] = float(row[alias])
+        try:
+          out[name] = float(row[alias])
+        except (TypeError, ValueError):
+          raise MalformedRowError(f"its '{alias}' holds {row[alias]!r}, not a number; write the "
+                                  'summed log-prob as a number (or null for none)') from None
         break
   for kind in ('behavior', 'reference'):
     present = [f'{kind}_{side}_logps' in out for side in collate.SIDES]
@@ -103,6 +108,24 @@ def _logps(row: Mapping) -> dict[str, float]:
       raise MalformedRowError(f'it has {kind} log-probs for only one side of the pair; give both '
                               'chosen and rejected log-probs or neither')
   return out
+
+
+# A summed log-prob is <= 0; float32 sums of near-certain tokens can round a little above it.
+_LOGP_ROUNDING = 1e-3
+
+
+def logps_problem(logps: Mapping[str, float]) -> str | None:
+  """The drop reason of a pair whose log-probs no policy could have produced, else None.
+
+  NaN, inf or a positive log-probability would otherwise reach the loss and the importance
+  weight and look like a diverging run.
+  """
+  values = np.asarray(list(logps.values()), np.float64)
+  if not np.isfinite(values).all():
+    return 'nonfinite_logps'
+  if (values > _LOGP_ROUNDING).any():
+    return 'positive_logps'
+  return None
 
 
 def _strip_separator(text: str) -> str:
@@ -140,9 +163,18 @@ def parse_ids(row: Mapping) -> Parsed:
   for name in ID_COLUMNS:
     seq = _column(row, name, 'token ids')
     try:
-      arr = np.asarray(seq, dtype=np.int64)
-    except (TypeError, ValueError):
+      raw = np.asarray(seq)
+      with np.errstate(invalid='ignore'):  # NaN/inf are refused below, not cast
+        arr = raw.astype(np.int64)
+    except (TypeError, ValueError, OverflowError):
       raise MalformedRowError(f"its '{name}' is not a list of integers") from None
+    if raw.dtype.kind == 'f':
+      # Integral floats (7.0, as pandas writes an int column with a gap) are the ids they name;
+      # 7.5 is no token id, and the cast would silently truncate it to 7.
+      fractional = raw[~(np.isfinite(raw) & (raw == np.round(raw)))]
+      if fractional.size:
+        raise MalformedRowError(f"its '{name}' holds {float(fractional.flat[0])!r}, not an "
+                                'integer token id; write the token ids as integers')
     if arr.ndim != 1 or (arr.size and arr.min() < 0):
       raise MalformedRowError(f"its '{name}' is not a flat list of non-negative token ids")
     ids.append(arr.tolist())
@@ -281,16 +313,38 @@ def synthetic_rows(synthetic: ml_collections.ConfigDict, vocab_size: int,
   return rows
 
 
+def _jsonl_row(raw: bytes, n: int, path: pathlib.Path) -> dict:
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise DataSourceError(f'line {n} of {path} holds bytes that are not UTF-8 (at byte {e.start} '
+                          'of the line); re-save the file as UTF-8 or remove the row') from None
+  try:
+    row = json.loads(text)
+  except json.JSONDecodeError:
+    raise DataSourceError(f'line {n} of {path} is not valid JSON; fix or remove it') from None
+  if not isinstance(row, dict):
+    raise DataSourceError(f'line {n} of {path} is a JSON {type(row).__name__}, not an object; '
+                          'write one {"column": value, ...} object per line')
+  return row
+
+
 def _read_jsonl(path: pathlib.Path) -> list[dict]:
-  opener = gzip.open if path.suffix == '.gz' else open
-  rows = []
-  with opener(path, 'rt', encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError:
-          raise DataSourceError(f'line {n} of {path} is not valid JSON; fix or remove it') from None
+  gz = path.suffix == '.gz'
+  rows, n = [], 0
+  try:
+    # Bytes, decoded line by line: a bad byte is reported with its line, not as a bare codec error.
+    with (gzip.open if gz else open)(path, 'rb') as f:
+      for n, raw in enumerate(f, 1):
+        if raw.strip():
+          rows.append(_jsonl_row(raw, n, path))
+  except gzip.BadGzipFile:
+    raise DataSourceError(f'{path} is named .gz but is not gzip-compressed; rename it without '
+                          '.gz or compress it with gzip') from None
+  except (EOFError, zlib.error) as e:
+    what = 'ends before its gzip stream does' if isinstance(e, EOFError) else 'has corrupt data'
+    raise DataSourceError(f'{path} {what} (after line {n}); the file is truncated or damaged, so '
+                          'download or compress it again') from None
   return rows
 
 
@@ -301,16 +355,22 @@ def read_file(path: pathlib.Path) -> Sequence[Mapping]:
     return _read_jsonl(path)
   if name.endswith('.json'):
     try:
-      rows = json.loads(path.read_text(encoding='utf-8'))
-    except json.JSONDecodeError:
-      return _read_jsonl(path)  # JSON Lines under a .json name
+      rows = json.loads(path.read_bytes().decode('utf-8'))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+      return _read_jsonl(path)  # JSON Lines under a .json name, or a bad line to report
     if not isinstance(rows, list):
       raise DataSourceError(f'{path} holds a JSON {type(rows).__name__}, not a list of rows; '
                             'write one object per row (JSON list or JSON Lines)')
     return rows
   if name.endswith('.parquet'):
+    import pyarrow  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-    return pq.read_table(path).to_pylist()
+    try:
+      return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as e:
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200].rstrip('.')
+      raise DataSourceError(f'{path} is not a readable Parquet file ({reason}); the file is '
+                            'truncated or damaged, so download or write it again') from None
   raise DataSourceError(f'{path} is not a .jsonl, .jsonl.gz, .json or .parquet file; '
                         'convert it or point config.data.path at a saved Hugging Face dataset')
 
