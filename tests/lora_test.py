@@ -14,7 +14,7 @@ from flax import nnx
 from configs import tiny
 from isdaa_jax import checkpoint, config as config_lib, policy, sharding, train
 from isdaa_jax.metrics_writer import read_metrics
-from isdaa_jax.model import hf, lora, peft
+from isdaa_jax.model import hf, lora, peft, safetensors_io
 from train_test import BATCH, _config, _mesh, assert_same_trajectory
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
@@ -129,34 +129,34 @@ def _losses(workdir):
 
 
 def test_resume_is_exact_refuses_another_base_and_exports(tmp_path):
-  """6 steps straight == 3, SIGTERM, 3 more; the checkpoint is the adapters; a resume over other
+  """4 steps straight == 2, SIGTERM, 2 more; the checkpoint is the adapters; a resume over other
   base weights is refused; the merged HF export has the adapted model's logits."""
-  straight = train.run(_tiny_lora(6), tmp_path / 'straight')
+  straight = train.run(_tiny_lora(4), tmp_path / 'straight')
 
   def preempt(step, _):
-    if step == 3:
+    if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
     return {}
 
-  train.run(_tiny_lora(6, **{'checkpoint.export_hf': False}), tmp_path / 'split',
-            step_hooks=((3, preempt),))
-  resumed = train.run(_tiny_lora(6, **{'checkpoint.export_hf': False}), tmp_path / 'split')
+  train.run(_tiny_lora(4, **{'checkpoint.export_hf': False}), tmp_path / 'split',
+            step_hooks=((2, preempt),))
+  resumed = train.run(_tiny_lora(4, **{'checkpoint.export_hf': False}), tmp_path / 'split')
   a, b = _losses(tmp_path / 'straight'), _losses(tmp_path / 'split')
-  assert sorted(b) == list(range(1, 7)) and [a[s] for s in a] == [b[s] for s in a]
+  assert sorted(b) == list(range(1, 5)) and [a[s] for s in a] == [b[s] for s in a]
   for x, y in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(x, y)
   assert all(lora.is_adapter(k) for k in straight.params['layers']) and set(straight.params) == {
       'layers'}
   # Another seed draws another random base: refused in one sentence before anything restores.
   with pytest.raises(checkpoint.BaseMismatchError, match='trained over other base weights'):
-    train.run(_tiny_lora(6, seed=1), tmp_path / 'split')
+    train.run(_tiny_lora(4, seed=1), tmp_path / 'split')
 
   # The merged export equals the adapted policy (base of seed 0 + trained adapters).
-  cfg = _tiny_lora(6)
-  mesh = _mesh((1, 1, 1))
+  cfg = _tiny_lora(4)
+  mesh = sharding.make_mesh(cfg.mesh)  # the devices train.run trained on
   run_setup = train.setup(cfg, mesh)
   base = policy.load_params(cfg.model, mesh, cfg.seed, run_setup.base_sharding)
-  adapted = nnx.merge(run_setup.graphdef, lora.combine(base, jax.device_put(straight.params)))
+  adapted = nnx.merge(run_setup.graphdef, lora.combine(base, straight.params))
   merged = hf.load_model(str(tmp_path / 'straight' / 'hf'), cfg.model, mesh)
   ids = (np.arange(24, dtype=np.int32).reshape(2, 12) * 37 + 1) % 128
   np.testing.assert_allclose(logits_of(merged, ids), logits_of(adapted, ids), atol=2e-5,
@@ -165,3 +165,48 @@ def test_resume_is_exact_refuses_another_base_and_exports(tmp_path):
   assert np.abs(base_logits - logits_of(adapted, ids)).max() > 1e-3
   adapter_config = json.loads((tmp_path / 'straight' / 'adapter' / peft.CONFIG_FILE).read_text())
   assert adapter_config['r'] == 4 and adapter_config['lora_alpha'] == 8.0
+
+
+PEFT_FIXTURE = FIXTURES / 'lora_gqa'
+
+
+def _peft_config(**overrides):
+  cfg = _config(**{**LORA, 'model.path': str(FIXTURES / 'llama_gqa'),
+                   'model.lora.init_from': str(PEFT_FIXTURE), **overrides})
+  config_lib.validate(cfg)
+  return cfg
+
+
+def test_peft_adapter_loads_with_peft_logits_and_exports_as_peft_writes(tmp_path):
+  cfg = _peft_config()
+  mesh = _mesh((2, 2, 2))
+  h = LoraHarness(cfg, mesh)
+  ref = np.load(PEFT_FIXTURE / 'reference.npz')
+  adapted = nnx.merge(h.setup.graphdef, lora.combine(h.base, h.adapters))
+  np.testing.assert_allclose(logits_of(adapted, ref['input_ids']), ref['logits'], atol=1e-4,
+                             rtol=1e-4)
+  peft.save_adapter(h.adapters, h.setup.model_cfg, tmp_path, base_name=cfg.model.path)
+  expected = json.loads((PEFT_FIXTURE / 'expected.json').read_text())
+  ours = safetensors_io.Reader(str(tmp_path / peft.WEIGHTS_FILE))
+  assert {k: list(ours.shape(k)) for k in ours.keys()} == expected['tensors']
+  assert 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' in expected['tensors']
+  theirs = safetensors_io.Reader(str(PEFT_FIXTURE / peft.WEIGHTS_FILE))
+  for k in theirs.keys():
+    np.testing.assert_array_equal(ours.array(k), theirs.array(k))
+  config = json.loads((tmp_path / peft.CONFIG_FILE).read_text())
+  assert sorted(config) == expected['config_keys']
+  # Our own folder starts a run as well (init_from round trip).
+  again = policy.load_adapters(_peft_config(**{'model.lora.init_from': str(tmp_path)}).model,
+                               h.setup.model_cfg, mesh, 0, h.setup.params_sharding)
+  for a, b in zip(jax.tree.leaves(_host(again)), jax.tree.leaves(_host(h.adapters))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_peft_adapter_of_another_rank_or_missing_is_refused(tmp_path):
+  mesh = _mesh((1, 1, 1))
+  for overrides, words in [({'model.lora.rank': 8}, r'has r=4 but config.model.lora.rank is 8'),
+                           ({'model.lora.init_from': str(tmp_path)}, 'not a PEFT adapter folder')]:
+    cfg = _peft_config(**overrides)
+    run_setup = train.setup(cfg, mesh)
+    with pytest.raises(peft.AdapterError, match=words):
+      policy.load_adapters(cfg.model, run_setup.model_cfg, mesh, 0, run_setup.params_sharding)

@@ -43,20 +43,22 @@ def tensor_name(layer: int, target: str, which: str) -> str:
 
 
 def adapter_config(spec: lora_lib.LoraSpec, base_name: str) -> dict:
-  """adapter_config.json as PEFT writes it for a plain LoRA (every key its LoraConfig saves)."""
+  """adapter_config.json as PEFT (0.21) writes it for a plain LoRA: every key its LoraConfig
+  saves (tests/fixtures/lora_gqa/expected.json holds the list peft wrote)."""
   return {
-      'alpha_pattern': {}, 'arrow_config': None, 'auto_mapping': None,
+      'alora_invocation_tokens': None, 'alpha_pattern': {}, 'arrow_config': None, 'auto_mapping': None,
       'base_model_name_or_path': base_name or None, 'bias': 'none', 'corda_config': None,
       'ensure_weight_tying': False, 'eva_config': None, 'exclude_modules': None,
       'fan_in_fan_out': False, 'inference_mode': True, 'init_lora_weights': True,
-      'layer_replication': None, 'layers_pattern': None, 'layers_to_transform': None,
+      'kasa_config': None, 'layer_replication': None, 'layers_pattern': None, 'layers_to_transform': None,
       'loftq_config': {}, 'lora_alpha': spec.alpha, 'lora_bias': False, 'lora_dropout': 0.0,
       'lora_ga_config': None, 'megatron_config': None, 'megatron_core': 'megatron.core',
-      'modules_to_save': None, 'peft_type': 'LORA', 'peft_version': None, 'qalora_group_size': 16,
+      'modules_to_save': None, 'monteclora_config': None, 'peft_type': 'LORA', 'peft_version': None, 'qalora_group_size': 16,
       'r': spec.rank, 'rank_pattern': {}, 'revision': None,
       'target_modules': sorted(MODULES[t].split('.')[1] for t in spec.targets),
       'target_parameters': None, 'task_type': 'CAUSAL_LM', 'trainable_token_indices': None,
-      'use_dora': False, 'use_qalora': False, 'use_rslora': False,
+      'use_bdlora': None, 'use_dora': False, 'use_qalora': False, 'use_rslora': False,
+      'velora_config': None,
   }
 
 
