@@ -7,7 +7,8 @@ checkpoint behind; a checkpoint that is present but unreadable (a damaged disk, 
 is moved aside to WORKDIR/checkpoints_corrupt/STEP (outside Orbax's view, so retention can never
 keep it over a good one and the step is saved afresh) with a one-sentence warning, and the
 previous one restored. Retention: the last `keep_last` plus, with `keep_best`, the one with the
-lowest eval loss.
+lowest eval loss. A LoRA run's state is its adapters and their optimizer state, and each step also
+holds `base` (the base weights' fingerprint): a resume over other base weights is refused.
 """
 
 import contextlib
@@ -41,6 +42,10 @@ def _policy(ckpt_config):
   return ocp.checkpoint_managers.AnyPreservationPolicy([latest, best])
 
 
+class BaseMismatchError(UserError):
+  """A LoRA checkpoint was trained over other base weights than this run's."""
+
+
 class DiskFullError(UserError):
   """The disk filled up while a checkpoint was written."""
 
@@ -71,16 +76,21 @@ def check_writable(workdir) -> None:
 class Checkpointer:
   """Saves and restores (state, data iterator, config) under WORKDIR/checkpoints."""
 
-  def __init__(self, workdir, ckpt_config, has_data_state: bool):
+  def __init__(self, workdir, ckpt_config, has_data_state: bool,
+               base_fingerprint: Optional[str] = None):
     self.directory = pathlib.Path(workdir).absolute() / 'checkpoints'
     self.corrupt_directory = pathlib.Path(workdir).absolute() / 'checkpoints_corrupt'
     self._has_data = has_data_state
+    self._base = base_fingerprint  # LoRA: the frozen base weights' `lora.fingerprint`
     options = ocp.CheckpointManagerOptions(
         preservation_policy=_policy(ckpt_config),
         enable_async_checkpointing=ckpt_config.async_save,
         create=True)
-    items = ('state', 'config') + (('data',) if has_data_state else ())
+    items = (('state', 'config') + (('data',) if has_data_state else ())
+             + (('base',) if base_fingerprint else ()))
     handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+    if base_fingerprint:
+      handlers['base'] = ocp.JsonCheckpointHandler()
     if has_data_state:
       import grain  # pylint: disable=g-import-not-at-top
       handlers['data'] = grain.checkpoint.CheckpointHandler()
@@ -95,6 +105,8 @@ class Checkpointer:
     if self._has_data:
       import grain  # pylint: disable=g-import-not-at-top
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    if self._base:
+      args['base'] = ocp.args.JsonSave({'fingerprint': self._base})
     metrics = None if eval_loss is None else {'eval_loss': float(eval_loss)}
     with self._disk_full_is_one_sentence(step):
       return self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics,
@@ -126,6 +138,7 @@ class Checkpointer:
     """
     first_error, unreadable = None, []
     for step in reversed(self.all_steps()):
+      self._check_base(step)
       args = dict(state=ocp.args.StandardRestore(abstract_state))
       if self._has_data:
         import grain  # pylint: disable=g-import-not-at-top
@@ -149,6 +162,22 @@ class Checkpointer:
           'the model or optimizer config changed, use a new --workdir (the checkpoints are left '
           'untouched)')
     return None
+
+  def _check_base(self, step: int):
+    """Raises BaseMismatchError when step's checkpoint was trained over other base weights."""
+    if not self._base:
+      return
+    try:
+      saved = self._manager.restore(step, args=ocp.args.Composite(
+          base=ocp.args.JsonRestore()))['base']['fingerprint']
+    except Exception:  # pylint: disable=broad-except
+      return  # unreadable: restore_latest sets it aside like any damaged checkpoint
+    if saved != self._base:
+      raise BaseMismatchError(
+          f'the LoRA checkpoint at step {step} in {self.directory} was trained over other base '
+          f'weights (fingerprint {saved[:12]}, this run\'s base {self._base[:12]}); set '
+          'config.model.path (and lora.base_dtype) to the base it was trained on, or use a new '
+          '--workdir')
 
   def _move_aside(self, step: int) -> Optional[pathlib.Path]:
     """Moves an unreadable step out of Orbax's view; returns where, or None if it stays.

@@ -14,6 +14,7 @@ from isdaa_jax.errors import UserError
 from isdaa_jax.losses import LOSS_NAMES, REFERENCE_FREE
 from isdaa_jax.model.attention import IMPLEMENTATIONS
 from isdaa_jax.model.llama import DTYPES, REMAT_CHOICES
+from isdaa_jax.model.lora import TARGETS as LORA_TARGETS
 
 DATA_SOURCES = tuple(PARSERS)
 
@@ -84,6 +85,22 @@ def validate_model(model: ml_collections.ConfigDict):
     for key in ('vocab_size', 'hidden_size', 'intermediate_size', 'num_layers', 'num_heads',
                 'num_kv_heads', 'head_dim'):
       _require(model[key] > 0, f'config.model.{key} must be > 0, got {model[key]}')
+  validate_lora(model.lora)
+
+
+def validate_lora(lora: ml_collections.ConfigDict):
+  _require(lora.rank >= 0, f'config.model.lora.rank must be >= 0 (0 = no LoRA), got {lora.rank}')
+  if not lora.rank:
+    _require(not lora.init_from, 'config.model.lora.init_from needs config.model.lora.rank > 0 '
+             "(the adapter's rank); set the rank or clear init_from")
+    return
+  _require(lora.alpha > 0, f'config.model.lora.alpha must be > 0, got {lora.alpha}')
+  targets = tuple(lora.targets)
+  _require(bool(targets) and all(t in LORA_TARGETS for t in targets)
+           and len(set(targets)) == len(targets),
+           f'config.model.lora.targets={targets!r} must be distinct names among '
+           f'{", ".join(LORA_TARGETS)}')
+  _choice(lora.base_dtype, ('',) + DTYPES, 'config.model.lora.base_dtype')
 
 
 def validate_data(data: ml_collections.ConfigDict):
@@ -178,6 +195,9 @@ def validate(config: ml_collections.ConfigDict):
   validate_mesh(config.mesh)
   validate_reference(config.train, config.loss)
   validate_sample_eval(config.sample_eval)
+  _require(not (config.model.lora.rank and config.train.reference_path),
+           'with LoRA the reference is the base model (adapters off); clear '
+           'config.train.reference_path or set config.model.lora.rank=0')
   _require(config.train.num_steps > 0,
            f'config.train.num_steps must be > 0, got {config.train.num_steps}')
   _require(config.checkpoint.keep_last >= 1,

@@ -61,6 +61,19 @@ def model_config() -> ml_collections.ConfigDict:
   # Sequence chunk of the vocabulary projection in log-prob computation, so [B, T, V] float32
   # logits are never materialized at once. 0 disables chunking.
   m.logprob_chunk_size = 128
+  # LoRA (isdaa_jax/model/lora.py): rank 0 trains every weight; rank > 0 freezes the base and
+  # trains adapters A [in, rank] (PEFT's init), B [rank, out] (zeros, so step 0 is the base) on
+  # `targets`, scaled by alpha / rank. The reference is the base itself (adapters off), so no
+  # reference copy is held. Adapters take `param_dtype`; `base_dtype` ('' = param_dtype, or
+  # 'bfloat16') stores the frozen base. `init_from` starts the adapters from a PEFT adapter folder
+  # (adapter_config.json + adapter_model.safetensors, e.g. an SFT LoRA) instead.
+  m.lora = ml_collections.ConfigDict(dict(
+      rank=0,
+      alpha=16.0,
+      targets=('q', 'k', 'v', 'o', 'gate', 'up', 'down'),
+      base_dtype='',
+      init_from='',
+  ))
   return m
 
 

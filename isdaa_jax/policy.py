@@ -3,12 +3,22 @@ placed sharded on the mesh.
 
   cfg, graphdef, params_sharding, abstract_params = abstract_policy(config.model, mesh, seed)
   params = load_params(config.model, mesh, config.seed, params_sharding)
+
+With LoRA (`model.lora.rank > 0`) the trained params are the adapters; the base is frozen:
+  cfg, graphdef, base_graphdef, base_sharding, adapter_sharding, abstract_adapters = (
+      abstract_lora_policy(config.model, mesh, seed))
+  base = load_params(base_model_config(config.model), mesh, seed, base_sharding)
+  adapters = load_adapters(config.model, cfg, mesh, seed, adapter_sharding)
 """
+
+import copy
+import dataclasses
 
 import jax
 from flax import nnx
 
 from isdaa_jax import sharding
+from isdaa_jax.model import lora
 from isdaa_jax.model.llama import Llama, LlamaConfig
 
 
@@ -50,3 +60,40 @@ def build_policy(model_config_section, mesh, seed: int):
   """(LlamaConfig, graphdef, params sharding, params) of the starting policy, placed sharded."""
   cfg, graphdef, shardings, _ = abstract_policy(model_config_section, mesh, seed)
   return cfg, graphdef, shardings, load_params(model_config_section, mesh, seed, shardings)
+
+
+def base_model_config(model_config_section):
+  """`config.model` of the frozen LoRA base: `lora.base_dtype` (when set) as its param_dtype."""
+  base_dtype = model_config_section.lora.base_dtype
+  if not model_config_section.lora.rank or not base_dtype:
+    return model_config_section
+  out = copy.deepcopy(model_config_section)
+  out.param_dtype = base_dtype
+  return out
+
+
+def abstract_lora_policy(model_config_section, mesh, seed: int):
+  """(adapted LlamaConfig, its graphdef, the base's graphdef, the base's params sharding, the
+  adapters' sharding, the adapters as ShapeDtypeStructs) for `model.lora.rank > 0`."""
+  base_cfg, base_graphdef, base_sharding, _ = abstract_policy(
+      base_model_config(model_config_section), mesh, seed)
+  cfg = dataclasses.replace(base_cfg, lora=lora.LoraSpec.from_config(model_config_section))
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))
+  _, adapter_sharding = lora.split(param_shardings(abstract, mesh))
+  _, abstract_adapters = lora.split(nnx.to_pure_dict(nnx.state(abstract)))
+  return (cfg, nnx.graphdef(abstract), base_graphdef, base_sharding, adapter_sharding,
+          abstract_adapters)
+
+
+def load_adapters(model_config_section, cfg: LlamaConfig, mesh, seed: int,
+                  adapter_sharding) -> dict:
+  """The starting adapters (pure dict), placed on `adapter_sharding`: `model.lora.init_from`'s
+  PEFT adapter, or A initialized as PEFT does and B = 0 (the adapted model equals the base)."""
+  if model_config_section.lora.init_from:
+    from isdaa_jax.model import peft  # pylint: disable=g-import-not-at-top
+    return peft.load_adapter(model_config_section.lora.init_from, cfg, adapter_sharding)
+
+  def init():
+    # Only the adapters leave the jit: the base's random initialization is dead code there.
+    return lora.split(nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)))))[1]
+  return jax.jit(init, out_shardings=adapter_sharding)()

@@ -79,8 +79,8 @@ def attach_cached(config, workdir, mesh, splits: dict, graphdef, policy_params) 
 
   shared = reference_cache.shared_components(
       tokenizer=config.data.tokenizer or config.model.path, data_config=config.data,
-      reference=config.train.reference_path or config.model.path, model_config=config.model,
-      seed=config.seed)
+      reference=config.train.reference_path or config.model.path,
+      model_config=policy.base_model_config(config.model), seed=config.seed)
   out = {}
   for split, pairs in splits.items():
     key = reference_cache.key_for(pairs, shared)

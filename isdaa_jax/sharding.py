@@ -27,6 +27,7 @@ LOGICAL_RULES = {
     'q_heads': 'tensor',
     'kv_heads': 'tensor',
     'head_dim': None,
+    'lora_rank': None,
     'layers': None,
 }
 

@@ -3,7 +3,9 @@
 `train_step(state, reference_params, batch) -> (state, metrics)` is pure and jitted once with
 explicit in/out shardings and the state donated. Chosen and rejected sequences go through the
 policy in one forward pass of batch 2B; the frozen reference (when held at all) runs in the same
-step without gradients. Gradient accumulation scans over equal micro-batches and gives the
+step without gradients. With LoRA (`config.model.lora.rank > 0`) the state's params are the
+adapters alone, the step's frozen argument is the base (bfloat16 if asked), and the reference is
+that base with the adapters off: no reference copy exists. Gradient accumulation scans over equal micro-batches and gives the
 gradient of the full batch; metrics are computed on the full batch.
 """
 
@@ -32,6 +34,7 @@ from isdaa_jax import reference as reference_lib
 from isdaa_jax import throughput as throughput_lib
 from isdaa_jax.errors import UserError
 from isdaa_jax.metrics_writer import MetricsWriter
+from isdaa_jax.model import lora as lora_lib
 from isdaa_jax.model.llama import LlamaConfig
 from isdaa_jax.optimizer import learning_rate_schedule, make_optimizer
 from isdaa_jax.preemption import Preemption
@@ -40,7 +43,7 @@ from isdaa_jax.preemption import Preemption
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any  # pure dict of arrays (nnx.to_pure_dict of the policy)
+  params: Any  # pure dict of arrays (nnx.to_pure_dict of the policy; its adapters with LoRA)
   opt_state: Any
 
 
@@ -52,13 +55,15 @@ class StepConfig:
   reference: str  # a reference.STEP_MODES entry ('cached' arrives as 'precomputed')
   logprob_chunk_size: int
   grad_accum_steps: int
+  lora: bool = False  # params are adapters over the frozen base given as the frozen argument
 
   @classmethod
   def from_config(cls, config) -> 'StepConfig':
     return cls(loss=config.loss, layout=layout_lib.from_config(config.data),
                reference=reference_lib.step_mode(config.train.reference),
                logprob_chunk_size=config.model.logprob_chunk_size,
-               grad_accum_steps=config.optimizer.grad_accum_steps)
+               grad_accum_steps=config.optimizer.grad_accum_steps,
+               lora=config.model.lora.rank > 0)
 
 
 def sequence_logps(graphdef, params, batch, cfg: StepConfig):
@@ -66,10 +71,16 @@ def sequence_logps(graphdef, params, batch, cfg: StepConfig):
   return cfg.layout.sequence_logps(nnx.merge(graphdef, params), batch, cfg.logprob_chunk_size)
 
 
-def pair_logps(graphdef, params, reference_params, batch, cfg: StepConfig) -> losses.PairLogps:
-  lp_w, lp_l, n_w, n_l = sequence_logps(graphdef, params, batch, cfg)
-  rp_w, rp_l = reference_lib.step_logps(cfg.reference, cfg.layout, graphdef, reference_params,
-                                        batch, cfg.logprob_chunk_size, lp_w, lp_l)
+def pair_logps(graphdef, params, reference_params, batch, cfg: StepConfig,
+               base_graphdef=None) -> losses.PairLogps:
+  """`reference_params`: the frozen argument of the step (with LoRA the base, whose model
+  `base_graphdef` is also the reference; else the reference model's params or {})."""
+  policy = lora_lib.combine(reference_params, params) if cfg.lora else params
+  lp_w, lp_l, n_w, n_l = sequence_logps(graphdef, policy, batch, cfg)
+  rp_w, rp_l = reference_lib.step_logps(cfg.reference, cfg.layout,
+                                        graphdef if base_graphdef is None else base_graphdef,
+                                        reference_params, batch, cfg.logprob_chunk_size, lp_w,
+                                        lp_l)
   return losses.PairLogps(
       policy_chosen=lp_w, policy_rejected=lp_l, reference_chosen=rp_w, reference_rejected=rp_l,
       chosen_tokens=n_w, rejected_tokens=n_l,
@@ -77,8 +88,8 @@ def pair_logps(graphdef, params, reference_params, batch, cfg: StepConfig) -> lo
       behavior_rejected=batch.get('behavior_rejected_logps'))
 
 
-def _loss_and_logps(params, graphdef, reference_params, batch, cfg: StepConfig):
-  logps = pair_logps(graphdef, params, reference_params, batch, cfg)
+def _loss_and_logps(params, graphdef, reference_params, batch, cfg: StepConfig, base_graphdef):
+  logps = pair_logps(graphdef, params, reference_params, batch, cfg, base_graphdef)
   return losses.daa_loss(logps, cfg.loss).loss, logps
 
 
@@ -98,15 +109,16 @@ def _merge_micro(x):
 
 
 def train_step(state: TrainState, reference_params, batch, *, graphdef, tx, schedule,
-               cfg: StepConfig):
+               cfg: StepConfig, base_graphdef=None):
   grad_fn = jax.value_and_grad(_loss_and_logps, has_aux=True)
   if cfg.grad_accum_steps == 1:
-    (_, logps), grads = grad_fn(state.params, graphdef, reference_params, batch, cfg)
+    (_, logps), grads = grad_fn(state.params, graphdef, reference_params, batch, cfg,
+                                base_graphdef)
   else:
     micro = _split_micro(batch, cfg.grad_accum_steps)
 
     def body(acc, mb):
-      (_, lp), g = grad_fn(state.params, graphdef, reference_params, mb, cfg)
+      (_, lp), g = grad_fn(state.params, graphdef, reference_params, mb, cfg, base_graphdef)
       return jax.tree.map(jnp.add, acc, g), lp
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -130,8 +142,9 @@ def train_step(state: TrainState, reference_params, batch, *, graphdef, tx, sche
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, reference_params, batch, *, graphdef, cfg: StepConfig):
-  out = losses.daa_loss(pair_logps(graphdef, params, reference_params, batch, cfg), cfg.loss)
+def eval_step(params, reference_params, batch, *, graphdef, cfg: StepConfig, base_graphdef=None):
+  out = losses.daa_loss(pair_logps(graphdef, params, reference_params, batch, cfg,
+                                   base_graphdef), cfg.loss)
   return {'loss': out.loss, **out.metrics}
 
 
@@ -146,13 +159,23 @@ class Setup:
   tx: optax.GradientTransformation
   schedule: Callable
   step: StepConfig
-  params_sharding: Any  # pure dict of NamedShardings
-  reference_sharding: Any  # params_sharding when the reference runs in the step, else {}
+  params_sharding: Any  # pure dict of NamedShardings of the trained params (LoRA: adapters)
+  # Of the step's frozen argument: params_sharding when the reference runs in the step, else {};
+  # with LoRA always the base's.
+  reference_sharding: Any
   state_sharding: TrainState
   abstract_state: TrainState  # ShapeDtypeStructs that carry `state_sharding`
   batch_sharding: NamedSharding  # of every batch leaf: rows over the data-parallel axes
   train_step: Callable  # jitted (state, reference_params, batch) -> (state, metrics), donating state
   eval_step: Callable  # jitted (params, reference_params, batch) -> metrics
+  # The model of the frozen base (LoRA: the adapted model without adapters; else `graphdef`) and
+  # its params' shardings (else `params_sharding`).
+  base_graphdef: Any = None
+  base_sharding: Any = None
+
+  def policy_params(self, params, frozen) -> dict:
+    """The full policy's pure dict (for `graphdef`) from the trained params and frozen arg."""
+    return lora_lib.combine(frozen, params) if self.step.lora else params
 
   @property
   def data_parallel(self) -> int:
@@ -181,8 +204,13 @@ def setup(config, mesh) -> Setup:
   if config.data.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
     raise UserError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
                     f'data-parallel mesh size data*fsdp={mesh.shape["data"] * mesh.shape["fsdp"]}')
-  model_cfg, graphdef, params_sharding, abstract_params = policy_lib.abstract_policy(
-      config.model, mesh, config.seed)
+  if config.model.lora.rank:
+    (model_cfg, graphdef, base_graphdef, base_sharding, params_sharding,
+     abstract_params) = policy_lib.abstract_lora_policy(config.model, mesh, config.seed)
+  else:
+    model_cfg, graphdef, params_sharding, abstract_params = policy_lib.abstract_policy(
+        config.model, mesh, config.seed)
+    base_graphdef, base_sharding = graphdef, params_sharding
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optimizer, num_steps)
   schedule = learning_rate_schedule(config.optimizer, num_steps)
@@ -193,21 +221,42 @@ def setup(config, mesh) -> Setup:
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, state_sharding)
   cfg = StepConfig.from_config(config)
-  reference_sharding = params_sharding if reference_lib.in_step(cfg.reference) else {}
+  if cfg.lora:
+    reference_sharding = base_sharding
+  else:
+    reference_sharding = params_sharding if reference_lib.in_step(cfg.reference) else {}
+  graphdefs = dict(graphdef=graphdef, base_graphdef=base_graphdef)
   batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule, cfg=cfg),
+      functools.partial(train_step, tx=tx, schedule=schedule, cfg=cfg, **graphdefs),
       in_shardings=(state_sharding, reference_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
   evaluate = jax.jit(
-      functools.partial(eval_step, graphdef=graphdef, cfg=cfg),
+      functools.partial(eval_step, cfg=cfg, **graphdefs),
       in_shardings=(params_sharding, reference_sharding, batch_sharding),
       out_shardings=sharding.replicated(mesh))
   return Setup(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, tx=tx, schedule=schedule,
                step=cfg, params_sharding=params_sharding, reference_sharding=reference_sharding,
                state_sharding=state_sharding, abstract_state=abstract_state,
-               batch_sharding=batch_sharding, train_step=step, eval_step=evaluate)
+               batch_sharding=batch_sharding, train_step=step, eval_step=evaluate,
+               base_graphdef=base_graphdef, base_sharding=base_sharding)
+
+
+def export(run_setup: Setup, params, frozen, workdir, base_name: str = ''):
+  """The policy as a Hugging Face folder WORKDIR/hf; with LoRA the adapters merged into the base
+  there, and the adapter alone in PEFT format in WORKDIR/adapter."""
+  from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  if not run_setup.step.lora:
+    hf.save_model(nnx.merge(run_setup.graphdef, params), workdir / 'hf')
+    return
+  from isdaa_jax.model import peft  # pylint: disable=g-import-not-at-top
+  spec = run_setup.model_cfg.lora
+  merged = jax.jit(lambda b, a: lora_lib.merge_into_base(b, a, spec),
+                   out_shardings=run_setup.base_sharding)(frozen, params)
+  hf.save_model(nnx.merge(run_setup.base_graphdef, merged), workdir / 'hf')
+  peft.save_adapter(params, run_setup.model_cfg, workdir / 'adapter', base_name=base_name)
 
 
 def describe_nonfinite(metrics: dict) -> Optional[str]:
@@ -301,22 +350,36 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   distributed.initialize(config.distributed)
   run_setup = setup(config, sharding.make_mesh(config.mesh))
   mesh, graphdef, num_steps = run_setup.mesh, run_setup.graphdef, config.train.num_steps
-  params = policy_lib.load_params(config.model, mesh, config.seed, run_setup.params_sharding)
-  reference = reference_lib.build(config, mesh, params, run_setup.params_sharding)
+  lora = run_setup.step.lora
+  base_fingerprint = None
+  if lora:
+    # The frozen base is also the reference (adapters off) and is never donated: no copy.
+    reference = policy_lib.load_params(policy_lib.base_model_config(config.model), mesh,
+                                       config.seed, run_setup.base_sharding)
+    base_params = reference
+    base_fingerprint = lora_lib.fingerprint(reference)
+    params = policy_lib.load_adapters(config.model, run_setup.model_cfg, mesh, config.seed,
+                                      run_setup.params_sharding)
+  else:
+    params = policy_lib.load_params(config.model, mesh, config.seed, run_setup.params_sharding)
+    reference = reference_lib.build(config, mesh, params, run_setup.params_sharding)
+    base_params = params
   data = pipeline.load(config.data, model_path=config.model.path,
                        vocab_size=run_setup.model_cfg.vocab_size)
   if jax.process_index() == 0:
     print('\n'.join(pipeline.describe(data.summary)), flush=True)
   splits = {'train': data.train, **({} if data.eval is None else {'eval': data.eval})}
   if config.train.reference == 'cached':
-    splits = reference_lib.attach_cached(config, workdir, mesh, splits, graphdef, params)
+    splits = reference_lib.attach_cached(config, workdir, mesh, splits, run_setup.base_graphdef,
+                                         base_params)
   layout, dp = run_setup.step.layout, run_setup.data_parallel
   train_iterator = pipeline.train_iterator(splits['train'], config.data, layout,
                                            micro_batches=config.optimizer.grad_accum_steps,
                                            row_multiple=dp)
   eval_batches = lambda: (pipeline.eval_iterator(splits['eval'], config.data, layout,
                                                  row_multiple=dp) if 'eval' in splits else iter(()))
-  checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True)
+  checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True,
+                                         base_fingerprint=base_fingerprint)
   state = checkpointer.restore_latest(run_setup.abstract_state, train_iterator)
   # The norm blow-up check compares against the starting weights, also on resume.
   start_norm = float(optax.tree.norm(params))
@@ -338,11 +401,12 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   if config.sample_eval.every:
     from isdaa_jax import evaluate  # pylint: disable=g-import-not-at-top
     # KL is measured to the reference model, or to the starting policy when none is held.
+    # With LoRA that is the base (adapters off).
     kl_reference = reference or jax.jit(lambda p: jax.tree.map(jnp.copy, p),
                                         out_shardings=run_setup.params_sharding)(params)
     step_hooks = tuple(step_hooks) + (evaluate.training_hook(
-        config.sample_eval, config.model, graphdef, kl_reference, mesh),)
-  del params
+        config.sample_eval, config.model, run_setup.base_graphdef, kl_reference, mesh),)
+  del params, base_params
   writer = MetricsWriter(workdir, config.train.tensorboard)
   peak = config.train.peak_flops_per_device or throughput_lib.measure_peak_flops()
   throughput = throughput_lib.Throughput(throughput_lib.flops_per_token(
@@ -358,7 +422,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     scalars = {}
     for every, fn in step_hooks:
       if step % every == 0 or step == num_steps:
-        scalars.update(fn(step, nnx.merge(graphdef, state.params)))
+        scalars.update(fn(step, nnx.merge(graphdef, run_setup.policy_params(state.params,
+                                                                             reference))))
     if scalars:
       writer.write(step, scalars, tensorboard=True)
 
@@ -410,7 +475,6 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     bar.close()
     writer.close()
   if config.checkpoint.export_hf and not preemption.raised:  # every process joins the gathers
-    from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
-    hf.save_model(nnx.merge(graphdef, state.params), workdir / 'hf')
+    export(run_setup, state.params, reference, workdir, config.model.path)
   checkpointer.close()
   return state

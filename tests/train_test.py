@@ -62,16 +62,19 @@ def _mesh(shape):
 BATCH = collate.collate_pairs(_pairs(8), 24)
 
 
-def test_one_device_equals_eight_devices_2x2x2():
-  cfg = _config(**{'loss.importance.enabled': True})
-  one = Harness(cfg, _mesh((1, 1, 1)))
-  eight = Harness(cfg, _mesh((2, 2, 2)))
+def assert_same_trajectory(one, eight):
+  """Three steps of two harnesses (1 and 8 devices) give the same metrics and parameters."""
   for i in range(3):
     m1, m8 = one.step(BATCH), eight.step(BATCH)
     for k in ('loss', 'grad_norm', 'rewards/margins', 'is/weight_mean'):
       assert m8[k] == pytest.approx(m1[k], rel=2e-4, abs=1e-6), (i, k)
   for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(eight.state.params)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-3)
+
+
+def test_one_device_equals_eight_devices_2x2x2():
+  cfg = _config(**{'loss.importance.enabled': True})
+  assert_same_trajectory(Harness(cfg, _mesh((1, 1, 1))), Harness(cfg, _mesh((2, 2, 2))))
 
 
 @pytest.mark.parametrize('accum,mesh', [(4, (1, 1, 1)), (2, (2, 2, 2))])

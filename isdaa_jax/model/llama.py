@@ -38,6 +38,7 @@ from flax import nnx
 
 from isdaa_jax.errors import UserError
 from isdaa_jax.model import attention as attention_lib
+from isdaa_jax.model import lora as lora_lib
 
 Array = jax.Array
 
@@ -79,6 +80,8 @@ class LlamaConfig:
   remat: str = 'none'
   scan_layers: bool = False
   attention: str = 'xla'
+  # LoRA adapters on the decoder projections (isdaa_jax/model/lora.py); None = the plain model.
+  lora: Optional[lora_lib.LoraSpec] = None
 
   PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
       'tiny': dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_layers=2,
@@ -232,6 +235,10 @@ class DecoderLayers(nnx.Module):
     self.w_gate = p((L, D, F), ('layers', 'embed', 'mlp'), D)
     self.w_up = p((L, D, F), ('layers', 'embed', 'mlp'), D)
     self.w_down = p((L, F, D), ('layers', 'mlp', 'embed'), F)
+    if cfg.lora is not None:
+      kernels = {k: getattr(self, k) for k in cfg.lora.kernels}
+      for name, var in lora_lib.make_params(cfg.lora, kernels, rngs).items():
+        setattr(self, name, var)
 
   PARAM_NAMES: ClassVar[tuple[str, ...]] = (
       'attn_norm', 'wq', 'wk', 'wv', 'wo', 'mlp_norm', 'w_gate', 'w_up', 'w_down')
@@ -244,9 +251,16 @@ class DecoderLayers(nnx.Module):
     # The weight matmuls run on [B*T, D] (M = B*T): XLA's CPU backward of a 'btd,df->btf' einsum
     # contracts two axes for the weight gradient and leaves the GEMM path (~1.7x slower MLP).
     h_MD = rms_norm(x_BTD, p['attn_norm'], cfg.rms_norm_eps).reshape(b * t, d)
-    q = jnp.einsum('md,dnh->mnh', h_MD, p['wq'].astype(dt)).reshape(b, t, *p['wq'].shape[1:])
-    k = jnp.einsum('md,dkh->mkh', h_MD, p['wk'].astype(dt)).reshape(b, t, *p['wk'].shape[1:])
-    v = jnp.einsum('md,dkh->mkh', h_MD, p['wv'].astype(dt)).reshape(b, t, *p['wv'].shape[1:])
+
+    def proj(eq, x, name):
+      y = jnp.einsum(eq, x, p[name].astype(dt))
+      if name + '_lora_a' in p:
+        y = y + lora_lib.delta(x, p[name + '_lora_a'], p[name + '_lora_b'], cfg.lora.scale, dt)
+      return y
+
+    q = proj('md,dnh->mnh', h_MD, 'wq').reshape(b, t, *p['wq'].shape[1:])
+    k = proj('md,dkh->mkh', h_MD, 'wk').reshape(b, t, *p['wk'].shape[1:])
+    v = proj('md,dkh->mkh', h_MD, 'wv').reshape(b, t, *p['wv'].shape[1:])
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache_kv is not None:
       k_cache, v_cache = cache_kv
@@ -254,15 +268,17 @@ class DecoderLayers(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
     attn_MNH = attention_lib.attention(q, k.astype(dt), v.astype(dt), mask, cfg.attention).reshape(
         b * t, *q.shape[2:])
-    x_MD = x_BTD.reshape(b * t, d) + jnp.einsum('mnh,nhd->md', attn_MNH, p['wo'].astype(dt))
+    x_MD = x_BTD.reshape(b * t, d) + proj('mnh,nhd->md', attn_MNH, 'wo')
     h_MD = rms_norm(x_MD, p['mlp_norm'], cfg.rms_norm_eps)
-    gate_MF = jnp.einsum('md,df->mf', h_MD, p['w_gate'].astype(dt))
-    up_MF = jnp.einsum('md,df->mf', h_MD, p['w_up'].astype(dt))
-    x_MD = x_MD + jnp.einsum('mf,fd->md', jax.nn.silu(gate_MF) * up_MF, p['w_down'].astype(dt))
+    gate_MF = proj('md,df->mf', h_MD, 'w_gate')
+    up_MF = proj('md,df->mf', h_MD, 'w_up')
+    x_MD = x_MD + proj('mf,fd->md', jax.nn.silu(gate_MF) * up_MF, 'w_down')
     return x_MD.reshape(b, t, d), (k, v)
 
   def __call__(self, x_BTD, cos, sin, mask, cache=None, cache_index=None):
-    params = {name: getattr(self, name).get_value() for name in self.PARAM_NAMES}
+    names = self.PARAM_NAMES + (() if self.cfg.lora is None else
+                                lora_lib.param_names(self.cfg.lora))
+    params = {name: getattr(self, name).get_value() for name in names}
 
     def block(x, p, kv):
       return self._block(x, p, cos, sin, mask, kv, cache_index)
