@@ -161,3 +161,8 @@ def test_cli_unknown_topology_is_one_sentence():
   assert 'Traceback' not in res.stderr
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith("error: unknown TPU slice 'v9-8'; pass one of the accelerator types")
+
+
+def test_gpu_only_attention_is_refused_before_compiling():
+  with pytest.raises(plan.PlanError, match="attention='cudnn' is a GPU kernel"):
+    plan.compile_plan(_tiny(model__attention='cudnn'), tpu_chips.parse('v5p-8'))
