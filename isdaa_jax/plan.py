@@ -87,7 +87,7 @@ def abstract_batch(config, run_setup: train.Setup) -> dict:
           for k, v in batch.items()}
 
 
-def _chip_bytes(tree) -> int:
+def _device_bytes(tree) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
   return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
              for a in jax.tree.leaves(tree))
@@ -152,8 +152,8 @@ def compile_plan(config, slice_: tpu_chips.Slice, hbm_bytes: int = 0) -> dict:
   hlo = compiled.as_text()
   devices_per_chip = len(devices) // slice_.num_chips  # 2 where libtpu compiles per core (v4)
   per_device = {
-      'params': _chip_bytes(state.params), 'optimizer': _chip_bytes(state.opt_state),
-      'reference': _chip_bytes(reference), 'batch': _chip_bytes(batch),
+      'params': _device_bytes(state.params), 'optimizer': _device_bytes(state.opt_state),
+      'reference': _device_bytes(reference), 'batch': _device_bytes(batch),
       'temp': mem.temp_size_in_bytes, 'code': mem.generated_code_size_in_bytes,
       'total': (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
                 + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)}
