@@ -13,6 +13,10 @@
 #   stop     stop the training started by `train` on every worker
 #   delete   delete the slice (and its queued resource)
 #
+# Before `create`, plan the slice from this machine (no TPU needed; pip install -e ".[tpu]"):
+#   python -m isdaa_jax.plan --config=$CONFIG --topology=$ACCELERATOR_TYPE [--find_batch]
+# says whether the step fits the chips' HBM, with which micro-batch, and a roofline pairs/s.
+#
 # --dry-run (or DRY_RUN=1) prints every command, shell-quoted, instead of running it.
 #
 # Settings (environment variables):

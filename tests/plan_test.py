@@ -1,0 +1,168 @@
+"""The TPU planner: the real train step compiled for TPU slices from this CPU host (libtpu)."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from isdaa_jax import plan, tpu_chips
+from isdaa_jax.model.llama import LlamaConfig
+
+_REPO = pathlib.Path(__file__).parents[1]
+
+
+def _tiny(**overrides):
+  config = tiny.get_config()
+  for key, value in overrides.items():
+    section, name = key.split('__')
+    config[section][name] = value
+  return config
+
+
+@pytest.fixture(scope='module')
+def single():
+  """Tiny DPO with an in-step reference on one v5p host (4 chips, fsdp=4)."""
+  return plan.compile_plan(_tiny(), tpu_chips.parse('v5p:2x2x1'))
+
+
+@pytest.fixture(scope='module')
+def multi():
+  """The same on 4 hosts (16 chips), mesh data=2 x fsdp=4 x tensor=2."""
+  return plan.compile_plan(_tiny(data__batch_size=16, mesh__data=2, mesh__fsdp=4,
+                                 mesh__tensor=2), tpu_chips.parse('v5p:2x2x4'))
+
+
+def _param_bytes(config) -> int:
+  # tiny: float32 parameters, tied embeddings.
+  return 4 * LlamaConfig.from_model_config(config.model).num_params()
+
+
+def _batch_bytes(pairs: int, row_len: int) -> int:
+  # Padded layout: 5 int32 [pairs, row_len] arrays per side.
+  return 2 * 5 * 4 * pairs * row_len
+
+
+@pytest.mark.parametrize('name, topology, chips', [
+    ('v5p-8', 'v5p:2x2x1', 4), ('v5p-32', 'v5p:2x2x4', 16), ('v5p-128', 'v5p:4x4x4', 64),
+    ('v4-32', 'v4:2x2x4', 16), ('v5litepod-16', 'v5e:4x4', 16), ('v6e-8', 'v6e:2x4', 8),
+    ('v5p:2x2x4', 'v5p:2x2x4', 16), ('v6e:4x4', 'v6e:4x4', 16)])
+def test_slice_names(name, topology, chips):
+  s = tpu_chips.parse(name)
+  assert (s.topology, s.num_chips) == (topology, chips)
+
+
+@pytest.mark.parametrize('name', ['v7-8', 'v5p-12', 'v5p:2x2', 'tpu'])
+def test_unknown_slice_is_one_sentence_listing_the_known(name):
+  with pytest.raises(tpu_chips.UnknownTopologyError) as e:
+    tpu_chips.parse(name)
+  message = str(e.value)
+  assert '\n' not in message and 'v5litepod-N' in message and 'v5p:AxBxC' in message
+
+
+def test_missing_libtpu_says_how_to_install(monkeypatch):
+  monkeypatch.setattr(plan.importlib.util, 'find_spec', lambda name: None)
+  with pytest.raises(plan.PlanError, match=r'pip install -e "\.\[tpu\]"'):
+    plan.topology_devices(tpu_chips.parse('v5p-8'))
+
+
+def test_collective_bytes_from_hlo_text():
+  hlo = '\n'.join([
+      '  %all-gather.1 = bf16[4,1024]{1,0} all-gather(%p), dimensions={0}',
+      '  %ar = (f32[8]{0}, s32[2,2]{1,0}) all-reduce(%a, %b), to_apply=%add',
+      '  %cp-start = (f32[16]{0}, f32[16]{0}) collective-permute-start(%x)',
+      '  %cp-done = f32[16]{0} collective-permute-done(%cp-start)',
+      '  %fusion = f32[16]{0} fusion(%all-gather.1)'])
+  got = plan.collective_bytes(hlo)
+  assert got == {'all-gather': 4 * 1024 * 2, 'reduce-scatter': 0, 'all-reduce': 8 * 4 + 4 * 4,
+                 'all-to-all': 0, 'collective-permute': 16 * 4}
+
+
+def test_single_host_shards_params_and_batch(single):
+  config = _tiny()
+  assert (single['num_chips'], single['num_processes'], single['mesh']) == (
+      4, 1, {'data': 1, 'fsdp': 4, 'tensor': 1})
+  c = single['per_chip_bytes']
+  # Every tiny dimension the rules shard divides by 4: nothing stays replicated.
+  assert single['replicated_params'] == []
+  assert c['params'] == _param_bytes(config) / 4
+  assert c['reference'] == c['params']
+  assert c['optimizer'] >= 2 * c['params']  # Adam's two moments, sharded like the parameters
+  assert c['batch'] == _batch_bytes(8, 48) / 4
+  assert c['total'] >= c['params'] + c['optimizer'] + c['reference'] + c['batch'] + c['temp']
+  assert single['fits'] and single['hbm_bytes_per_chip'] == 95 * tpu_chips.GiB
+  assert (single['per_device_micro_batch'], single['grad_accum_steps']) == (2, 1)
+  # Chunked log-probs compile to a loop: XLA's count would be a loop body's, so it is withheld.
+  assert single['xla_flops_per_step'] is None
+  assert single['roofline_step_s'] == max(single['roofline_compute_s'],
+                                          single['roofline_memory_s'])
+  assert math.isclose(single['roofline_pairs_per_s'], 8 / single['roofline_step_s'])
+
+
+def test_multi_host_topology_compiles_in_one_process(multi):
+  config = _tiny(mesh__data=2, mesh__fsdp=4, mesh__tensor=2)
+  assert (multi['num_chips'], multi['num_processes'], multi['chips_per_process']) == (16, 4, 4)
+  assert multi['per_host_batch'] == 4 and multi['per_device_micro_batch'] == 2
+  c = multi['per_chip_bytes']
+  # The batch shards over data x fsdp = 8, not over the tensor axis.
+  assert c['batch'] == _batch_bytes(16, 48) / 8
+  # Matrices shard over fsdp x tensor = 8; only the norm scales (embed only) over fsdp alone.
+  total = _param_bytes(config)
+  norms = 4 * config.model.hidden_size * (2 * config.model.num_layers + 1)
+  assert c['params'] == (total - norms) / 8 + norms / 4
+  assert multi['replicated_params'] == []
+  assert multi['collective_bytes_per_chip']['all-reduce'] > 0  # gradients over data x fsdp
+
+
+def test_analytic_flops_match_xla_on_an_unrolled_model():
+  t = 64
+  config = _tiny(model__hidden_size=128, model__intermediate_size=384, model__vocab_size=512,
+                 model__head_dim=32, model__max_position_embeddings=t,
+                 model__logprob_chunk_size=0, data__max_length=t, data__max_prompt_length=t // 2,
+                 data__length_buckets=(t,))
+  got = plan.compile_plan(config, tpu_chips.parse('v5p:2x2x1'))
+  assert got['xla_flops_per_step'] is not None, got['xla_flops_note']
+  assert abs(got['xla_flops_per_step'] / got['flops_per_step'] - 1) < 0.1
+  assert got['flops_per_step'] == plan.model_flops(
+      LlamaConfig.from_model_config(config.model), 'model', rows=16, row_len=t)
+
+
+def _plan_cli(*args):
+  return subprocess.run([sys.executable, '-m', 'isdaa_jax.plan', '--config=configs/tiny.py',
+                         *args], cwd=_REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_writes_json_and_fit_flips_with_the_batch(single, tmp_path):
+  # A budget just above the 8-pair step: the 64-pair step does not fit it.
+  budget = single['per_chip_bytes']['total'] + 4096
+  out = tmp_path / 'plan.json'
+  res = _plan_cli('--topology=v5p-8', f'--hbm_bytes={budget}', f'--out={out}',
+                  '--config.data.batch_size=64')
+  assert res.returncode == 0, res.stderr[-3000:]
+  got = json.loads(out.read_text())
+  for key in ('topology', 'num_chips', 'num_processes', 'per_chip_bytes', 'hbm_bytes_per_chip',
+              'fits', 'flops_per_step', 'roofline_step_s'):
+    assert key in got
+  assert set(got['per_chip_bytes']) >= {'params', 'optimizer', 'reference', 'batch', 'temp',
+                                        'total'}
+  assert got['hbm_bytes_per_chip'] == budget
+  assert got['per_chip_bytes']['total'] > budget and not got['fits']
+  assert 'DOES NOT FIT' in res.stdout
+
+
+def test_cli_unknown_topology_is_one_sentence():
+  res = _plan_cli('--topology=v9-8')
+  assert res.returncode == 1
+  assert 'Traceback' not in res.stderr
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: unknown TPU slice 'v9-8'; pass one of the accelerator types")
+
+
+def test_gpu_only_attention_is_refused_before_compiling():
+  with pytest.raises(plan.PlanError, match="attention='cudnn' is a GPU kernel"):
+    plan.compile_plan(_tiny(model__attention='cudnn'), tpu_chips.parse('v5p-8'))
