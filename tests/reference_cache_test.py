@@ -248,3 +248,18 @@ def test_score_command_cache_is_accepted_by_training(tmp_path, monkeypatch):
   ours, theirs = reference_cache.load(made, key), reference_cache.load(cache, key)
   for name in reference_cache.ARRAYS:
     np.testing.assert_allclose(ours[name], theirs[name], atol=1e-5)
+
+
+def test_a_gguf_model_and_its_tokenizer_are_keyed_by_the_file_content(tmp_path):
+  # A .gguf path holds weights and tokenizer in one file (it crashed as 'neither folder nor hub id').
+  path = tmp_path / 'm.gguf'
+  path.write_bytes(b'GGUF weights v1')
+  cfg = defaults.get_config().model
+  first = (reference_cache.tokenizer_digest(str(path)),
+           reference_cache.reference_digest(str(path), cfg, 0))
+  assert first == (reference_cache.tokenizer_digest(str(tmp_path)),
+                   reference_cache.reference_digest(str(tmp_path), cfg, 0))
+  path.write_bytes(b'GGUF weights v2')
+  second = (reference_cache.tokenizer_digest(str(path)),
+            reference_cache.reference_digest(str(path), cfg, 0))
+  assert first[0] != second[0] and first[1] != second[1]

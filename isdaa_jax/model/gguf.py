@@ -6,6 +6,7 @@ the same shardings as a safetensors one. llama.cpp's converter permutes the rows
 projections for its RoPE layout; `_unpermute` undoes that.
 """
 
+import functools
 import pathlib
 
 import numpy as np
@@ -58,7 +59,17 @@ def find(path: str) -> pathlib.Path | None:
 
 
 def _reader(path: pathlib.Path):
-  return _gguf().GGUFReader(str(path))
+  stat = pathlib.Path(path).stat()
+  return _cached_reader(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+# Parsing the metadata of a real file takes seconds (SmolLM2's 49k tokens and merges: ~13 s on a
+# busy 2-core machine), and one load asks for the config, the tensors and the tokenizer; the
+# reader memory-maps the file, so keeping the last two costs no copy of the weights.
+@functools.lru_cache(maxsize=2)
+def _cached_reader(path: str, mtime_ns: int, size: int):
+  del mtime_ns, size  # part of the cache key only: a rewritten file is parsed again
+  return _gguf().GGUFReader(path)
 
 
 def _field(reader, key: str, default=None):
