@@ -35,9 +35,8 @@ import numpy as np
 from flax import nnx
 
 from isdaa_jax import config as config_lib
-from isdaa_jax import defaults, policy, scoring, sharding, throughput, train
+from isdaa_jax import defaults, scoring, sharding, throughput, train
 from isdaa_jax import layout as layout_lib
-from isdaa_jax import reference as reference_lib
 from isdaa_jax.data import collate, pipeline, prefix
 from isdaa_jax.model.llama import LlamaConfig
 
@@ -59,6 +58,10 @@ VARIANTS['prefix_shared_precomputed'] = {'data.prefix_sharing': True,
                                          'train.reference': 'precomputed'}
 # Packing pays only when lengths vary: run these with --length_spread (e.g. 0.75).
 VARIANTS['packed'] = {'data.packing': True}
+# LoRA on every projection: only the adapters are trained and hold Adam moments; the frozen base
+# is the reference (no copy), optionally stored in bfloat16.
+VARIANTS['lora_r16'] = {'model.lora.rank': 16}
+VARIANTS['lora_r16_bf16_base'] = {'model.lora.rank': 16, 'model.lora.base_dtype': 'bfloat16'}
 VARIANTS['packed_shared_precomputed'] = {'data.packing': True, 'data.prefix_sharing': True,
                                          'train.reference': 'precomputed'}
 
@@ -238,22 +241,21 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   run_setup = train.setup(config, mesh)
   assert run_setup.step.layout == layout
   model_cfg = run_setup.model_cfg
-  params = policy.load_params(config.model, mesh, config.seed, run_setup.params_sharding)
+  params, reference, base = train.load_start(config, run_setup)
   reference_seconds = None
   if config.train.reference == 'precomputed':
     # The reference is the starting policy: its log-probs are computed once, before training,
     # as the cached-reference pre-pass computes them.
     start = time.perf_counter()
-    scores = scoring.score_pairs(nnx.merge(run_setup.graphdef, params), pairs, mesh,
+    scores = scoring.score_pairs(nnx.merge(run_setup.base_graphdef, base), pairs, mesh,
                                  layout=layout, batch_size=b,
                                  chunk_size=config.model.logprob_chunk_size, progress=False)
     pairs = [dict(p, reference_chosen_logps=float(w), reference_rejected_logps=float(l))
              for p, w, l in zip(pairs, scores.chosen_logps, scores.rejected_logps)]
     reference_seconds = time.perf_counter() - start
   batch_pairs = [pairs[i:i + b] for i in range(0, len(pairs), b)]
-  reference = reference_lib.build(config, mesh, params, run_setup.params_sharding)
   state = run_setup.init_state(params)
-  del params
+  del params, base
   first = layout.collate(batch_pairs[0], **shape_args)
   start = time.perf_counter()
   step_fn = run_setup.train_step.lower(state, reference,

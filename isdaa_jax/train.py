@@ -243,6 +243,24 @@ def setup(config, mesh) -> Setup:
                base_graphdef=base_graphdef, base_sharding=base_sharding)
 
 
+def load_start(config, run_setup: Setup):
+  """(trainable params, the step's frozen argument, the full starting model's params).
+
+  Without LoRA: the policy, the reference `reference_lib.build` gives for the mode, the policy.
+  With LoRA: the adapters (zero B), the frozen base (which is also the reference, adapters off,
+  and is never donated: no copy), the base.
+  """
+  mesh = run_setup.mesh
+  if run_setup.step.lora:
+    base = policy_lib.load_params(policy_lib.base_model_config(config.model), mesh, config.seed,
+                                  run_setup.base_sharding)
+    adapters = policy_lib.load_adapters(config.model, run_setup.model_cfg, mesh, config.seed,
+                                        run_setup.params_sharding)
+    return adapters, base, base
+  params = policy_lib.load_params(config.model, mesh, config.seed, run_setup.params_sharding)
+  return params, reference_lib.build(config, mesh, params, run_setup.params_sharding), params
+
+
 def export(run_setup: Setup, params, frozen, workdir, base_name: str = ''):
   """The policy as a Hugging Face folder WORKDIR/hf; with LoRA the adapters merged into the base
   there, and the adapter alone in PEFT format in WORKDIR/adapter."""
@@ -351,19 +369,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   run_setup = setup(config, sharding.make_mesh(config.mesh))
   mesh, graphdef, num_steps = run_setup.mesh, run_setup.graphdef, config.train.num_steps
   lora = run_setup.step.lora
-  base_fingerprint = None
-  if lora:
-    # The frozen base is also the reference (adapters off) and is never donated: no copy.
-    reference = policy_lib.load_params(policy_lib.base_model_config(config.model), mesh,
-                                       config.seed, run_setup.base_sharding)
-    base_params = reference
-    base_fingerprint = lora_lib.fingerprint(reference)
-    params = policy_lib.load_adapters(config.model, run_setup.model_cfg, mesh, config.seed,
-                                      run_setup.params_sharding)
-  else:
-    params = policy_lib.load_params(config.model, mesh, config.seed, run_setup.params_sharding)
-    reference = reference_lib.build(config, mesh, params, run_setup.params_sharding)
-    base_params = params
+  params, reference, base_params = load_start(config, run_setup)
+  base_fingerprint = lora_lib.fingerprint(base_params) if lora else None
   data = pipeline.load(config.data, model_path=config.model.path,
                        vocab_size=run_setup.model_cfg.vocab_size)
   if jax.process_index() == 0:
