@@ -1,6 +1,6 @@
 """The over-optimization lab: DAAs with and without importance weighting on a known gold reward.
 
-Run (full study, <= 15 minutes on 2 CPU cores):
+Run (full study; with hinge added and the authors' AdamW its time has not been re-measured):
   python -m isdaa_jax.lab --config=configs/lab.py --workdir=runs/lab
 Quick mode (<= 3 minutes; the README's first command):
   python -m isdaa_jax.lab --config=configs/lab.py:quick --workdir=runs/lab-quick

@@ -42,9 +42,14 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
 
   config.loss.importance.eps = 0.25
   o = config.optimizer
+  # AdamW as the IS-DAA authors' script: b2 0.999, eps 1e-5, linear warmup, cosine decay to
+  # 0.1 x lr, no weight decay, clip 10.
   o.learning_rate = 1e-3
-  o.warmup_steps = 5
-  o.min_lr_ratio = 1.0
+  o.warmup_steps = 10
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-5
   o.weight_decay = 0.0
   o.grad_clip_norm = 10.0
 
@@ -83,10 +88,12 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
         eval_every=20 if quick else 25,
         eval_prompts=128 if quick else 192,
         # (method, beta) grid; every method runs with and without the importance weight.
-        methods=('dpo', 'ipo', 'simpo', 'alphapo'),
+        methods=('dpo', 'ipo', 'hinge', 'simpo', 'alphapo'),
         betas=dict(
             dpo=(0.1,) if quick else (0.05, 0.2),
             ipo=(0.5,) if quick else (0.25, 1.0),
+            # hinge (SLiC): relu(1 - beta*delta), margin 1/beta in log-ratio units.
+            hinge=(0.1,) if quick else (0.05, 0.2),
             simpo=(2.0,) if quick else (1.0, 2.5),
             alphapo=(2.5,) if quick else (1.0, 2.5),
         ),

@@ -11,6 +11,8 @@ import pathlib
 
 import numpy as np
 
+from isdaa_jax.lab import stats
+
 # Two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
         9: 2.262}
@@ -57,11 +59,14 @@ def summarize(points) -> list[dict]:
   for p in points:
     runs[run_key(p) + (p['seed'],)].append(p)
   grouped = collections.defaultdict(list)
-  for key, pts in runs.items():
-    grouped[key[:3]].append(summarize_run(pts))
+  for key, pts in sorted(runs.items()):
+    grouped[key[:3]].append((key[3], summarize_run(pts)))
   rows = []
-  for (method, importance, beta), per_seed in sorted(grouped.items()):
-    row = dict(method=method, importance=importance, beta=beta, seeds=len(per_seed))
+  for (method, importance, beta), seeded in sorted(grouped.items()):
+    per_seed = [summary for _, summary in seeded]
+    row = dict(method=method, importance=importance, beta=beta, seeds=len(per_seed),
+               seed_ids=[seed for seed, _ in seeded],
+               per_seed_final_gold=[summary['final_gold'] for summary in per_seed])
     for stat in per_seed[0]:
       row[stat], row[stat + '_ci95'] = mean_ci95([s[stat] for s in per_seed])
     rows.append(row)
@@ -93,10 +98,26 @@ def verdict(rows) -> str:
   if not pairs:
     return 'No method ran both with and without the importance weight.'
   total = len(pairs)
+  # Paired over seeds: a setting counts as better or worse only when the 95% t-interval of the
+  # mean per-seed difference (with - without) excludes zero.
+  diffs = []
+  for off, on in pairs:
+    common = sorted(set(off['seed_ids']) & set(on['seed_ids']))
+    g_on = [on['per_seed_final_gold'][on['seed_ids'].index(k)] for k in common]
+    g_off = [off['per_seed_final_gold'][off['seed_ids'].index(k)] for k in common]
+    diffs.append(stats.paired_difference(g_on, g_off))
+  sig_better = sum(stats.excludes_zero(m, h) and m > 0 for m, h, _ in diffs)
+  sig_worse = sum(stats.excludes_zero(m, h) and m < 0 for m, h, _ in diffs)
+  paired = (f'Paired over seeds (95% t-interval of the final-gold difference excluding zero), '
+            f'the weight raised final gold in {sig_better} and lowered it in {sig_worse} of '
+            f'{total} settings; the rest are not distinguishable from no effect. ')
+  lines = [line + (f' Paired final-gold difference {m:+.3f} ± {h:.3f} over {n} seeds.'
+                   if not math.isnan(h) else f' Paired difference {m:+.3f} (one seed, no interval).')
+           for line, (m, h, n) in zip(lines, diffs)]
   better_final = sum(on['final_gold'] > off['final_gold'] for off, on in pairs)
   lower_kl = sum(on['final_kl'] < off['final_kl'] for off, on in pairs)
   over = [(off, on) for off, on in pairs if off['drop'] > DROP_THRESHOLD]
-  head = (f'With the importance weight the final gold reward was higher in {better_final} of '
+  head = paired + (f'Means only: with the importance weight the final gold reward was higher in {better_final} of '
           f'{total} (method, beta) settings and the final KL lower in {lower_kl} of {total}. ')
   if not over:
     largest = max(off['drop'] for off, _ in pairs)
