@@ -39,6 +39,7 @@ def test_verdict_counts_only_intervals_that_exclude_zero():
         points.append(dict(method='ipo', beta=0.5, importance=imp, seed=seed, step=step,
                            kl=float(step), gold=gold))
   text = report.verdict(report.summarize(points))
-  assert 'raised final gold in 1 and lowered it in 0 of 2 settings' in text
+  assert 'raised the final gold reward in 1 and lowered it in 0 of 2' in text
+  assert 'helped significantly in 1 of 2 methods' in text
   np.testing.assert_allclose(  # dpo: differences 0.4, 0.4, 0.37
       stats.paired_difference([0.5, 0.6, 0.52], [0.1, 0.2, 0.15])[0], 0.39)
