@@ -58,6 +58,8 @@ def test_lab_smoke_run_of_the_sweep_writes_results_report_and_plots(tmp_path):
               'alphapo_displacement.png'):
     assert (tmp_path / png).stat().st_size > 1000
   assert (tmp_path / 'reference' / 'model.safetensors').exists()
+  # Each sweep run's final policy, for notebooks/loss_surface.py.
+  assert (tmp_path / 'runs' / study.run_name('dpo', 0.5, True, 1) / 'model.safetensors').exists()
   row = json.loads((tmp_path / 'pairs.jsonl').read_text().splitlines()[0])
   assert {'prompt_ids', 'chosen_ids', 'rejected_ids', 'reference_chosen_logps'} <= set(row)
 

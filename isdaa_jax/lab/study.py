@@ -41,6 +41,11 @@ def run_config(config, method: str, beta: float, importance: bool, seed: int, pa
   return cfg
 
 
+def run_name(method: str, beta: float, importance: bool, seed: int) -> str:
+  """The folder under WORKDIR/runs holding a sweep run's final policy (Hugging Face format)."""
+  return f'{method}-b{beta:g}-is{int(importance)}-s{seed}'
+
+
 def groups(config, pairs_path) -> list[sweep.Group]:
   """The sweep: each method over its betas, the AlphaPO alphas (0 = SimPO) at one beta, and the
   importance ablations (weight on only; paired with the method's runs without the weight)."""
@@ -116,8 +121,14 @@ def run_study(config, workdir) -> dict:
   for group in groups(config, pairs_path):
     group.config.model.path = str(ref_dir)
     group.config.train.num_steps = num_steps
-    points += sweep.train_group(group, ref_params, batches, evaluator, lab.eval_every,
-                                epoch_steps)
+    group_points, graphdef, params_R = sweep.train_group(group, ref_params, batches, evaluator,
+                                                         lab.eval_every, epoch_steps)
+    points += group_points
+    if not group.tags['variant']:  # the sweep's final policies, for notebooks/loss_surface.py
+      for i, run in enumerate(group.runs):
+        hf.save_model(nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], params_R)),
+                      workdir / 'runs' / run_name(group.tags['method'], run.beta,
+                                                  run.importance, run.seed))
     logging.info('lab group %s %s (%d runs) done (%.0f s elapsed)', group.tags['method'],
                  group.tags['variant'], len(group.runs), time.time() - started)
   seconds['sweep'] = time.time() - started - seconds['reference'] - seconds['pairs']

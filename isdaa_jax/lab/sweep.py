@@ -140,8 +140,9 @@ STEP_METRICS = ('is/ess', 'is/weight_mean', 'is/clipped_frac', 'rewards/chosen',
 
 
 def train_group(group: Group, params, batches: dict, evaluator: Evaluator, eval_every: int,
-                epoch_steps: float) -> list[dict]:
-  """Trains the group's runs together; returns one point per run and evaluation step."""
+                epoch_steps: float) -> tuple[list[dict], nnx.GraphDef, dict]:
+  """Trains the group's runs together; returns one point per run and evaluation step, and the
+  graphdef and final params [R, ...] of the runs."""
   cfg = group.config
   run_setup = setup(cfg)
   num_steps, runs = cfg.train.num_steps, list(group.runs)
@@ -173,4 +174,4 @@ def train_group(group: Group, params, batches: dict, evaluator: Evaluator, eval_
                              arrays['min_log_weight'])
     if step % eval_every == 0 or step == num_steps:
       record(step, metrics)
-  return points
+  return points, run_setup.graphdef, state.params
