@@ -1,12 +1,13 @@
 """The over-optimization lab: DAAs with and without importance weighting on a known gold reward.
 
-Run (full study, <= 15 minutes on 2 CPU cores):
+Run (full study, 365 runs as vectorized groups; its time is not measured yet):
   python -m isdaa_jax.lab --config=configs/lab.py --workdir=runs/lab
-Quick mode (<= 3 minutes; the README's first command):
+Quick mode (30 runs; 221 s user CPU, 8 min wall on a shared 2-core machine; the README's first
+command):
   python -m isdaa_jax.lab --config=configs/lab.py:quick --workdir=runs/lab-quick
 
 Produces in the workdir: `reference/` (the SFT reference policy, Hugging Face format),
-`pairs.jsonl` (the Bradley-Terry-labelled preference data), one folder per training run,
+`pairs.jsonl` (the Bradley-Terry-labelled preference data),
 `results.json` (every gold-reward / KL point), `report.md` (per-method tables with fitted
 R(d) = d (a - b log d)) and PNG plots. See `isdaa_jax/lab/task.py` for the task.
 

@@ -35,11 +35,13 @@ def _response_logps(graphdef, state, batch):
 
 
 def response_logps(model: nnx.Module, prompts: Sequence[Sequence[int]], responses: np.ndarray,
-                   lengths: np.ndarray) -> np.ndarray:
-  """Summed log-probs [B] of each response (its first `lengths` tokens) under `model`."""
+                   lengths: np.ndarray, seq_len: int = 0) -> np.ndarray:
+  """Summed log-probs [B] of each response (its first `lengths` tokens) under `model`.
+
+  `seq_len` > 0 fixes the padded length (one compilation for calls of any sample lengths)."""
   pairs = [dict(prompt_ids=p, chosen_ids=r[:n], rejected_ids=r[:n])
            for p, r, n in zip(prompts, np.asarray(responses), np.asarray(lengths))]
-  seq_len = max(collate.pair_length(p) for p in pairs)
+  seq_len = seq_len or max(collate.pair_length(p) for p in pairs)
   batch = collate.collate_pairs(pairs, seq_len)
   batch = {k: v for k, v in batch.items() if k.startswith('chosen_')}
   graphdef, state = nnx.split(model)
@@ -68,8 +70,14 @@ def evaluate(policy: nnx.Module, reference: nnx.Module, prompts: Sequence[Sequen
   pass them in so that they are drawn once per study, not once per evaluation.
   """
   out = sample.generate(policy, prompts, key, params)
-  lp_policy = out.logps.sum(axis=1)
   lp_ref = response_logps(reference, prompts, out.tokens, out.lengths)
+  return score_samples(out, lp_ref, prompts, gold_fn, reference_samples)
+
+
+def score_samples(out: sample.Samples, lp_ref: np.ndarray, prompts: Sequence[Sequence[int]],
+                  gold_fn: GoldFn, reference_samples: sample.Samples | None) -> EvalResult:
+  """`evaluate`'s statistics of policy samples `out`, given their reference log-probs."""
+  lp_policy = out.logps.sum(axis=1)
   kl, kl_se = mean_and_stderr(lp_policy - lp_ref)
   content = content_lengths(out)
   gold_B = np.asarray(gold_fn(prompts, out.tokens, content))

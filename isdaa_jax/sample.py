@@ -110,13 +110,33 @@ def _generate(graphdef, state, prompt_ids, prompt_pos, prompt_seg, key, params: 
   return tokens, logps, done
 
 
+@functools.partial(jax.jit, static_argnames=('graphdef', 'params'))
+def _generate_runs(graphdef, states, prompt_ids, prompt_pos, prompt_seg, keys,
+                   params: SamplingParams):
+  return jax.vmap(lambda state, key: _generate(graphdef, state, prompt_ids, prompt_pos, prompt_seg,
+                                               key, params))(states, keys)
+
+
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], key: jax.Array,
              params: SamplingParams) -> Samples:
   """Samples one response per prompt. `logps` are under the policy itself (temperature 1)."""
   ids, pos, seg = left_pad(prompts)
   graphdef, state = nnx.split(model)
   tokens, logps, done = _generate(graphdef, state, ids, pos, seg, key, params)
-  tokens, logps, done = np.asarray(tokens), np.asarray(logps), np.asarray(done)
+  return _samples(np.asarray(tokens), np.asarray(logps), np.asarray(done), params)
+
+
+def generate_runs(graphdef, states, prompts: Sequence[Sequence[int]], keys: jax.Array,
+                  params: SamplingParams) -> list[Samples]:
+  """`generate` for R models of one architecture at once (the lab's vectorized runs): `states`
+  (params) and `keys` carry a leading run axis R; one compiled program samples them all."""
+  ids, pos, seg = left_pad(prompts)
+  tokens, logps, done = jax.device_get(_generate_runs(graphdef, states, ids, pos, seg, keys,
+                                                      params))
+  return [_samples(t, lp, d, params) for t, lp, d in zip(tokens, logps, done)]
+
+
+def _samples(tokens, logps, done, params: SamplingParams) -> Samples:
   is_eos = tokens == params.eos_id
   first_eos = np.where(is_eos.any(1), is_eos.argmax(1) + 1, tokens.shape[1])
   return Samples(tokens=tokens, lengths=first_eos.astype(np.int32), logps=logps, finished=done)

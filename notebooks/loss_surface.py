@@ -2,7 +2,7 @@
 # # The DAA loss surface around a trained lab policy
 #
 # A 2-D slice of the loss landscape (Li et al. 2018, "Visualizing the Loss Landscape of Neural
-# Nets"): restore the final parameters `theta` of a lab training run from its Orbax checkpoint,
+# Nets"): restore the final parameters `theta` of a lab training run from the folder the lab saved it in,
 # draw two random directions `d1`, `d2` in parameter space, and evaluate the DAA loss of the lab's
 # preference pairs at `theta + x d1 + y d2` on a grid of `(x, y)`. Random directions are
 # *filter-normalized*: every parameter tensor of a direction is rescaled to the norm of the
@@ -13,8 +13,8 @@
 # The loss is evaluated twice at every point, without and with the IS-DAA importance weight
 # `w = exp(min(s, 2 eps))`, where `s` is the policy's summed log-ratio to the reference over both
 # responses of a pair; this is done for the run trained without the weight and for the one trained
-# with it. Every value comes from the library: the checkpoint through
-# `isdaa_jax.checkpoint.Checkpointer`, the batch through `isdaa_jax.data.collate.collate_pairs`,
+# with it. Every value comes from the library: the parameters through
+# `isdaa_jax.policy.load_params`, the batch through `isdaa_jax.data.collate.collate_pairs`,
 # the log-probs through `isdaa_jax.train.pair_logps`, the loss through `isdaa_jax.losses.daa_loss`.
 #
 # The lab folder is `ISDAA_LAB_DIR` (default `runs/lab-quick`); when it holds no `results.json` the
@@ -39,7 +39,7 @@ import numpy as np
 ROOT = next((p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
              if (p / 'configs' / 'lab.py').is_file()), pathlib.Path.cwd())
 from isdaa_jax.lab import defaults as lab_defaults
-from isdaa_jax import checkpoint, losses, policy, sharding, train
+from isdaa_jax import losses, policy, sharding, train
 from isdaa_jax.data import collate
 from isdaa_jax.lab import results as lab_results
 from isdaa_jax.lab import study
@@ -73,9 +73,9 @@ print(f'lab: {LAB_DIR}\nruns: {METHOD} beta {BETA:g} seed {SEED_RUN}, '
 # %% [markdown]
 # ## Restoring the trained policies
 #
-# Each run's training config is rebuilt by `study.run_config` exactly as the lab built it; its
-# model and optimizer settings give the abstract train state that the Orbax checkpoint of the
-# final step is restored into (parameters and optimizer moments; only the parameters are used).
+# Each run's training config is rebuilt by `study.run_config` exactly as the lab built it; the
+# final parameters come from the Hugging Face folder `study.run_study` saved each sweep run's
+# policy in (the vectorized sweep writes no Orbax checkpoints).
 
 # %%
 def run_config(importance):
@@ -99,16 +99,10 @@ reference_params = policy.load_params(cfg.model, mesh, cfg.seed, params_sharding
 
 
 def restore_params(importance):
-  """The final policy parameters of one run, from its latest Orbax checkpoint."""
+  """The final policy parameters of one run, from the Hugging Face folder the lab saved."""
   cfg = run_config(importance)
-  # The data iterator's state is not needed here; only `state` is read.
-  checkpointer = checkpoint.Checkpointer(run_dir(importance), cfg.checkpoint,
-                                         has_data_state=False)
-  state = checkpointer.restore_latest(train.setup(cfg, mesh).abstract_state, None)
-  checkpointer.close()
-  assert state is not None, f'no checkpoint in {run_dir(importance)}'
-  assert int(state.step) == cfg.train.num_steps, 'the final step is always saved'
-  return state.params
+  cfg.model.path = str(run_dir(importance))
+  return policy.load_params(cfg.model, mesh, cfg.seed, params_sharding)
 
 
 trained = {importance: restore_params(importance) for importance in (False, True)}

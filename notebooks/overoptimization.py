@@ -6,16 +6,17 @@
 # and the KL to the reference of policy samples as training goes. This notebook reads its
 # `results.json` and draws:
 #
-# 1. the gold reward against `d = sqrt(KL(policy || reference))` per method, with the fitted
-#    `R(d) = d (a - b log d)` curves (Gao et al. 2023) from `isdaa_jax.lab.report`;
-# 2. the training dynamics of the chosen and rejected log-probs (likelihood displacement) from
-#    each run's `metrics.jsonl`.
+# 1. the frontier: gold reward against `d = sqrt(KL(policy || reference))` over the whole beta
+#    sweep of each method, and gold against the fraction of the epoch trained;
+# 2. the with-minus-without gold difference per beta, paired by seed, with its 95% interval;
+# 3. AlphaPO's likelihood displacement (the chosen log-prob change) against alpha, 0 = SimPO;
+# 4. the importance weight's mean and effective sample size during training, and the ablations
+#    of the weight that are not in the paper.
 #
 # Where the lab ran: `ISDAA_LAB_DIR` (default `runs/lab-quick`, what
 # `python -m isdaa_jax.lab --config=configs/lab.py:quick --workdir=runs/lab-quick` writes). When it
-# holds no `results.json` the notebook runs the lab there first (the quick config, ~2 minutes on 2
-# CPU cores). `ISDAA_NOTEBOOK_FAST=1` (the CI test) runs a smoke grid of one DPO pair of 4-step
-# runs instead, in a temporary folder unless `ISDAA_LAB_DIR` is set. Built from
+# holds no `results.json` the notebook runs the lab there first (the quick config).
+# `ISDAA_NOTEBOOK_FAST=1` (the CI test) runs a smoke grid of DPO runs of 4 steps on 2 seeds instead, in a temporary folder unless `ISDAA_LAB_DIR` is set. Built from
 # `notebooks/overoptimization.py` by `python notebooks/build_notebooks.py`; edit that file, not
 # the `.ipynb`.
 
@@ -34,9 +35,8 @@ import pandas as pd
 # working directory outside a checkout.
 ROOT = next((p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents)
              if (p / 'configs' / 'lab.py').is_file()), pathlib.Path.cwd())
-from isdaa_jax.lab import report, study
+from isdaa_jax.lab import report
 from isdaa_jax.lab import results as lab_results
-from isdaa_jax.metrics_writer import read_metrics
 
 FAST = os.environ.get('ISDAA_NOTEBOOK_FAST') == '1'
 plt.rcParams.update({'figure.dpi': 60 if FAST else 100, 'axes.grid': True, 'grid.alpha': 0.3})
@@ -56,39 +56,39 @@ print(json.dumps(results['meta'], indent=1))
 print(results['verdict'])
 
 # %% [markdown]
-# One row per (method, importance weight, beta): each statistic is the mean over seeds and, with
-# several seeds, the half-width of its 95% interval (`_ci95`). `drop` is the peak-to-final fall of
-# the gold reward: the over-optimization. The rows are recomputed here from the points by
-# `report.summarize`, and must agree with the ones stored in `results.json`.
+# One row per (method, variant, importance weight, beta): each statistic is the mean over seeds
+# and, with several seeds, the half-width of its 95% interval (`_ci95`). Variant '' is the sweep,
+# `alpha=...` the AlphaPO displacement runs, any other name an importance ablation. `drop` is the
+# peak-to-final fall of the gold reward (the over-optimization) and `peak_epoch` where the gold
+# peaked, as a fraction of one pass over the pairs. The rows are recomputed here from the points
+# by `report.summarize`, and must agree with the ones stored in `results.json`.
 
 # %%
 rows = report.summarize(points)
 np.testing.assert_equal(rows, results['summary'])  # NaNs (single-seed intervals) compare equal
-COLUMNS = ['method', 'beta', 'importance', 'seeds', 'peak_gold', 'final_gold', 'drop',
-           'kl_at_peak', 'final_kl', 'fit_a', 'fit_b']
+COLUMNS = ['method', 'variant', 'beta', 'importance', 'seeds', 'peak_gold', 'peak_epoch',
+           'final_gold', 'drop', 'kl_at_peak', 'final_kl', 'ess', 'fit_a', 'fit_b']
 pd.DataFrame(rows)[COLUMNS].round(3)
 
 # %% [markdown]
-# ## Gold reward against sqrt(KL)
+# ## The frontier: gold reward against sqrt(KL) over the sweep
 #
-# Each thin line is one training run (one seed), from the reference at the origin outwards as
-# training moves the policy away from it; error bars are the standard errors of the gold reward
-# over the evaluation prompts. Red: without the importance weight; blue: with it. Thick lines: the
-# fitted `R(d) = d (a - b log d)` of each (method, beta, importance), averaged over seeds and added
-# to the reference's gold reward. The curve rises while `a` dominates and turns down past
-# `d = exp(a / b - 1)` when `b > 0`: over-optimization. A fit needs at least two evaluations away
-# from the reference, so runs that never left it have none.
+# Each line is one run (one seed), from the reference at the origin outwards; darker lines are
+# smaller betas (weaker regularization). Red: without the importance weight; blue: with it. The
+# bottom row is the same gold reward against the fraction of the epoch trained: the scaling-laws
+# paper (Rafailov et al. 2024) reports over-optimization within a single epoch.
 
 # %%
 COLOR = {False: 'tab:red', True: 'tab:blue'}
 LABEL = {False: 'without importance weight', True: 'with importance weight'}
 
-runs = collections.defaultdict(list)  # (method, importance, beta, seed) -> points by step
+runs = collections.defaultdict(list)  # (method, variant, importance, beta, seed) -> points
 for p in points:
   runs[report.run_key(p) + (p['seed'],)].append(p)
 runs = {key: sorted(pts, key=lambda p: p['step']) for key, pts in sorted(runs.items())}
-methods = sorted({p['method'] for p in points})
-betas = {m: sorted({p['beta'] for p in points if p['method'] == m}) for m in methods}
+methods = sorted({p['method'] for p in points if not p['variant']})
+betas = {m: sorted({p['beta'] for p in points if p['method'] == m and not p['variant']})
+         for m in methods}
 sqrt_kl = lambda pts: np.sqrt(np.maximum([p['kl'] for p in pts], 0.0))  # sample KL can dip < 0
 
 for pts in runs.values():
@@ -96,29 +96,17 @@ for pts in runs.values():
 
 fig, axes = plt.subplots(2, len(methods), figsize=(5 * len(methods), 8.5), squeeze=False)
 for col, method in enumerate(methods):
-  ax_d, ax_step = axes[:, col]
-  for (m, imp, beta, seed), pts in runs.items():
-    if m != method:
+  ax_d, ax_epoch = axes[:, col]
+  for (m, variant, imp, beta, seed), pts in runs.items():
+    if m != method or variant:
       continue
-    style = dict(color=COLOR[imp], alpha=0.5, linewidth=1,
-                 linestyle='-' if beta == betas[m][0] else '--')
+    shade = 0.8 - 0.6 * betas[m].index(beta) / max(len(betas[m]) - 1, 1)
     gold = [p['gold'] for p in pts]
-    ax_d.errorbar(sqrt_kl(pts), gold, yerr=[p['gold_stderr'] for p in pts], marker='.',
-                  capsize=2, **style)
-    ax_step.plot([p['step'] for p in pts], gold, marker='.', **style)
-  for row in rows:
-    if row['method'] != method or not math.isfinite(row['fit_a']):
-      continue
-    group = [pts for key, pts in runs.items() if report.run_key(pts[0]) == report.run_key(row)]
-    gold0 = np.mean([pts[0]['gold'] for pts in group])
-    d = np.linspace(1e-3, max(sqrt_kl(pts).max() for pts in group), 200)
-    ax_d.plot(d, gold0 + d * (row['fit_a'] - row['fit_b'] * np.log(d)),
-              color=COLOR[row['importance']], linewidth=2.5,
-              linestyle='-' if row['beta'] == betas[method][0] else '--')
-  ax_d.set(title=f'{method}  (solid beta {betas[method][0]:g}'
-           + (f', dashed {betas[method][-1]:g})' if len(betas[method]) > 1 else ')'),
+    ax_d.plot(sqrt_kl(pts), gold, color=COLOR[imp], alpha=shade, linewidth=1, marker='.')
+    ax_epoch.plot([p['epoch'] for p in pts], gold, color=COLOR[imp], alpha=shade, linewidth=1)
+  ax_d.set(title=f'{method} (betas {", ".join(f"{b:g}" for b in betas[method])})',
            xlabel='d = sqrt KL(policy || reference)', ylabel='gold reward')
-  ax_step.set(xlabel='step', ylabel='gold reward')
+  ax_epoch.set(xlabel='epoch', ylabel='gold reward')
 for imp in (False, True):
   axes[0, 0].plot([], [], color=COLOR[imp], label=LABEL[imp])
 axes[0, 0].legend(fontsize='small')
@@ -126,127 +114,89 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## Likelihood displacement
+# ## With minus without, per beta, paired by seed
+#
+# For each (method, beta), the mean over seeds of the with-minus-without difference of the final
+# and the peak gold reward (the two runs of a seed saw the same batches from the same initial
+# weights and sampled with the same keys), with its 95% Student-t interval (`lab/stats.py`). The
+# verdict counts only intervals that exclude zero.
+
+# %%
+comps = report.comparisons(rows)
+fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.8), squeeze=False)
+for ax, method in zip(axes[0], methods):
+  cs = sorted((c for c in comps if c['method'] == method), key=lambda c: c['beta'])
+  for which, marker in (('final', 'o'), ('peak', 's')):
+    ax.errorbar([c['beta'] for c in cs], [c[which][0] for c in cs],
+                yerr=[np.nan_to_num(c[which][1]) for c in cs], marker=marker, capsize=3,
+                label=f'{which} gold')
+  ax.axhline(0.0, color='k', linewidth=0.8)
+  ax.set(xscale='log', title=method, xlabel='beta', ylabel='with - without')
+axes[0, 0].legend(fontsize='small')
+fig.tight_layout()
+plt.show()
+pd.DataFrame([dict(method=c['method'], beta=c['beta'], final_diff=c['final'][0],
+                   final_ci95=c['final'][1], peak_diff=c['peak'][0], peak_ci95=c['peak'][1],
+                   seeds=c['final'][2]) for c in comps]).round(3)
+
+# %% [markdown]
+# ## AlphaPO's likelihood displacement
 #
 # A DAA only asks for a wider margin between the chosen and the rejected response; nothing stops
-# it from lowering both, the chosen one included (Razin et al. 2024, "likelihood displacement"),
-# which moves probability mass onto responses neither in the data nor judged by it: room for
-# over-optimization. The train step logs the batch means `logps/chosen` and `logps/rejected`
-# (top row; a moving average over `WINDOW` steps, since each step sees a different batch) and the
-# log-ratios to the reference `rewards/chosen / beta` and `rewards/rejected / beta` (bottom row;
-# the reference of the same batch is subtracted, so they start at exactly 0). The importance
-# weight down-weights pairs whose summed log-ratio has fallen, so it damps the push that drags
-# both responses down.
+# it from lowering both (Razin et al. 2024, "likelihood displacement"). AlphaPO's alpha reshapes
+# the reward to control this. Each evaluation records the mean change of the chosen responses'
+# log-prob from the reference on the batch the step trained on (`rewards/chosen / beta`);
+# alpha = 0 is SimPO exactly. (Empty in runs without the displacement study, as the quick mode.)
 
 # %%
-def run_dir(key):
-  """The folder `study.run_study` trained the run (method, importance, beta, seed) in."""
-  method, importance, beta, seed = key
-  return LAB_DIR / 'runs' / study.run_name(method, beta, importance, seed)
-
-
-def train_rows(key):
-  """The per-step training metrics of one run (hook rows, which carry lab/* only, left out)."""
-  logged = read_metrics(run_dir(key))
-  steps = [r for r in logged if 'logps/chosen' in r]
-  # Cross-check: the gold rewards the run logged are the ones in results.json.
-  logged_gold = {r['step']: r['lab/gold'] for r in logged if 'lab/gold' in r}
-  assert logged_gold == {p['step']: p['gold'] for p in runs[key]}, run_dir(key)
-  assert [r['step'] for r in steps] == list(range(1, results['meta']['steps'] + 1))
-  return steps
-
-
-def moving_average(x, window):
-  x = np.asarray(x, np.float64)
-  window = max(1, min(window, len(x)))
-  return np.convolve(x, np.ones(window) / window, mode='valid')
-
-
-WINDOW = max(1, results['meta']['steps'] // 20)
-settings = [(m, b) for m in methods for b in betas[m]]
-fig, axes = plt.subplots(2, len(settings), figsize=(5 * len(settings), 8), squeeze=False)
-displacement = []
-for col, (method, beta) in enumerate(settings):
-  ax_lp, ax_ratio = axes[:, col]
-  for key in runs:
-    if key[:1] + key[2:3] != (method, beta):
-      continue
-    imp = key[1]
-    metrics = train_rows(key)
-    step = np.array([r['step'] for r in metrics])
-    if imp:  # the first step's policy is the reference, so every weight is exactly 1
-      assert abs(metrics[0]['is/weight_mean'] - 1.0) < 1e-5
-    for side, linestyle in (('chosen', '-'), ('rejected', ':')):
-      logp = [r[f'logps/{side}'] for r in metrics]
-      ratio = np.array([r[f'rewards/{side}'] for r in metrics]) / beta
-      ax_lp.plot(step[WINDOW - 1:], moving_average(logp, WINDOW), color=COLOR[imp],
-                 linestyle=linestyle, alpha=0.7)
-      ax_ratio.plot(step, ratio, color=COLOR[imp], linestyle=linestyle, alpha=0.7)
-    tail = metrics[-max(1, len(metrics) // 10):]  # the last tenth of training
-    displacement.append(dict(
-        method=method, beta=beta, importance=imp, seed=key[3],
-        chosen_log_ratio=np.mean([r['rewards/chosen'] for r in tail]) / beta,
-        rejected_log_ratio=np.mean([r['rewards/rejected'] for r in tail]) / beta,
-        margin=np.mean([r['rewards/margins'] for r in tail]) / beta,
-        accuracy=np.mean([r['rewards/accuracies'] for r in tail]),
-        weight_mean=np.mean([r['is/weight_mean'] for r in tail])))
-  ax_lp.set(title=f'{method} (beta {beta:g})', xlabel='step',
-            ylabel=f'summed log-prob (moving average of {WINDOW})')
-  ax_ratio.axhline(0.0, color='k', linewidth=0.8)
-  ax_ratio.set(xlabel='step', ylabel='log-ratio to the reference  log pi - log pi_ref')
-for imp in (False, True):
-  axes[0, 0].plot([], [], color=COLOR[imp], label=LABEL[imp])
-axes[0, 0].plot([], [], color='gray', linestyle='-', label='chosen')
-axes[0, 0].plot([], [], color='gray', linestyle=':', label='rejected')
-axes[0, 0].legend(fontsize='small')
-fig.tight_layout()
-plt.show()
-
-# %% [markdown]
-# The same over the last tenth of training, per run: a negative `chosen_log_ratio` next to a
-# positive `margin` is likelihood displacement (the chosen response became less likely than under
-# the reference even though the policy ranks it above the rejected one).
-
-# %%
-table = pd.DataFrame(displacement).sort_values(['method', 'beta', 'seed', 'importance'])
-for r in displacement:  # the margin is the difference of the two log-ratios, by definition
-  np.testing.assert_allclose(r['margin'], r['chosen_log_ratio'] - r['rejected_log_ratio'],
-                             rtol=1e-4, atol=1e-4)
-table.round(3)
+disp = report.displacement(rows)
+if disp:
+  fig, (ax_a, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+  for imp in (False, True):
+    ds = [d for d in disp if d['importance'] == imp]
+    ax_a.errorbar([d['alpha'] for d in ds], [d['change'] for d in ds],
+                  yerr=[np.nan_to_num(d['ci95']) for d in ds], marker='o', capsize=3,
+                  color=COLOR[imp], label=LABEL[imp])
+  for (m, variant, imp, beta, seed), pts in runs.items():
+    if variant.startswith('alpha=') and not imp:
+      alpha = float(variant[len('alpha='):])
+      trained = [p for p in pts if 'chosen_logp_change' in p]
+      ax_t.plot([p['epoch'] for p in trained], [p['chosen_logp_change'] for p in trained],
+                color=plt.cm.viridis(min(alpha, 1.0)), alpha=0.6,
+                label=variant if seed == min(r[4] for r in runs) else None)
+  ax_a.axhline(0.0, color='k', linewidth=0.8)
+  ax_a.set(xlabel='alpha (0 = SimPO)', ylabel='chosen log-prob change (end of training)')
+  ax_t.set(xlabel='epoch', ylabel='chosen log-prob change (without the weight)')
+  ax_a.legend(fontsize='small')
+  ax_t.legend(fontsize='small')
+  fig.tight_layout()
+  plt.show()
+pd.DataFrame(disp).round(3)
 
 # %% [markdown]
 # ## The importance weight during training
 #
-# The runs with the weight log its batch statistics: the mean weight `is/weight_mean` and the
-# effective sample size `is/ess = (sum w)^2 / sum w^2` (the batch size while every weight is 1,
-# as at the first step). A mean far below 1 means the policy has made the training pairs much less
-# likely than the reference did; Adam normalizes the overall scale of the gradient away, so what
-# changes the update is the ESS: a batch whose weight sits on a handful of pairs trains on those
-# pairs alone.
+# The mean weight `is/weight_mean` and the effective sample size `is/ess = (sum w)^2 / sum w^2`
+# of the training batch at each evaluation, for the sweep's runs with the weight (without it
+# every weight is exactly 1 and the ESS is the batch size). The ablations (not in the paper)
+# follow: a per-token-mean log-ratio, a lower clip of the log-weight, and batch
+# self-normalization, each against the authors' weight.
 
 # %%
-weighted = [key for key in runs if key[1]]
-if weighted:
-  fig, (ax_w, ax_ess) = plt.subplots(1, 2, figsize=(13, 4.5))
-  for index, key in enumerate(weighted):
-    metrics = train_rows(key)
-    step = np.array([r['step'] for r in metrics])
-    label = f'{key[0]} beta {key[2]:g} seed {key[3]}'
-    ax_w.plot(step, [r['is/weight_mean'] for r in metrics], color=f'C{index}', label=label)
-    ess = np.array([r['is/ess'] for r in metrics])
-    ax_ess.plot(step, ess / ess[0], color=f'C{index}', label=label)
-  ax_w.set(xlabel='step', ylabel='is/weight_mean', yscale='log', title='mean importance weight')
-  ax_ess.set(xlabel='step', ylabel='is/ess / batch size', ylim=(0, 1.05),
-             title='effective sample size, as a fraction of the batch')
-  ax_w.legend(fontsize='small')
-  fig.tight_layout()
-  plt.show()
-
-# %% [markdown]
-# The same statistics averaged over the last `WINDOW` steps of each run with the weight.
-
-# %%
-pd.DataFrame([dict(method=k[0], beta=k[2], seed=k[3],
-                   **{name: np.mean([r[name] for r in train_rows(k)[-WINDOW:]])
-                      for name in ('is/weight_mean', 'is/ess', 'is/clipped_frac')})
-              for k in weighted]).round(3)
+fig, (ax_w, ax_ess) = plt.subplots(1, 2, figsize=(13, 4.5))
+for (m, variant, imp, beta, seed), pts in runs.items():
+  if imp and not variant:
+    trained = [p for p in pts if 'is/ess' in p]
+    color = f'C{methods.index(m)}'
+    ax_w.plot([p['epoch'] for p in trained], [p['is/weight_mean'] for p in trained],
+              color=color, alpha=0.4)
+    ax_ess.plot([p['epoch'] for p in trained], [p['is/ess'] for p in trained], color=color,
+                alpha=0.4)
+for i, m in enumerate(methods):
+  ax_w.plot([], [], color=f'C{i}', label=m)
+ax_w.set(xlabel='epoch', ylabel='is/weight_mean', yscale='log', title='mean importance weight')
+ax_ess.set(xlabel='epoch', ylabel='is/ess', title='effective sample size of the batch')
+ax_w.legend(fontsize='small')
+fig.tight_layout()
+plt.show()
+print(report.ablations(rows) or 'no ablations in this run')

@@ -73,10 +73,16 @@ def test_summaries_and_verdict_over_seeds():
   assert off['kl_at_peak'] == pytest.approx(1.01)
   mean, ci = report.mean_ci95([1.0, 2.0, 3.0])
   assert mean == 2.0 and ci == pytest.approx(4.303 * 1.0 / np.sqrt(3))
+  # Every seed's with-minus-without final gold is 0.4: an interval of width 0 excludes zero.
+  assert report.paired(rows[1], rows[0]) == (pytest.approx(0.4), pytest.approx(0.0), 3)
   text = report.verdict(rows)
-  assert 'final gold reward was higher in 1 of 1' in text
-  assert 'appeared without the weight in 1 settings; the weight made that drop smaller in 1' in text
-  assert 'on balance it reduced over-optimization here' in text
-  # Without any drop the verdict says the run cannot tell.
-  flat = [dict(r, drop=0.0) for r in rows]
-  assert 'cannot show whether the weight reduces over-optimization' in report.verdict(flat)
+  assert 'raised the final gold reward in 1 and lowered it in 0 of 1' in text
+  assert 'Without the weight 1 of 1 settings over-optimized' in text
+  assert "At each method's lowest beta the weight helped in every method" in text
+  # With no difference the verdict says plainly that the lab disagrees with the paper.
+  same = [dict(p, gold=p['gold'] if not p['importance'] else
+               next(q['gold'] for q in points if not q['importance'] and q['seed'] == p['seed']
+                    and q['step'] == p['step'])) for p in points]
+  text = report.verdict(report.summarize(same))
+  assert 'raised the final gold reward in 0 and lowered it in 0 of 1' in text
+  assert "The lab disagrees with the IS-DAA paper's claim" in text

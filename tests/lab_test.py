@@ -7,51 +7,61 @@ import pytest
 from isdaa_jax.lab import defaults as lab_defaults
 from isdaa_jax.lab import results as lab_results
 from isdaa_jax.lab import study
-from isdaa_jax.metrics_writer import read_metrics
 
 
-def test_lab_smoke_run_writes_results_report_and_plots(tmp_path):
+def test_lab_smoke_run_of_the_sweep_writes_results_report_and_plots(tmp_path):
   cfg = lab_defaults.get_config('quick')
   cfg.lab.methods = ('dpo',)
-  cfg.lab.seeds = (0,)
+  cfg.lab.betas.dpo = (0.1, 0.5)
+  cfg.lab.seeds = (0, 1)
   cfg.lab.sft.num_demos, cfg.lab.sft.steps = 256, 20
-  cfg.lab.num_pairs = 96
+  cfg.lab.num_pairs = 64
   cfg.lab.eval_prompts = 16
-  cfg.lab.eval_every = 2
+  cfg.lab.displacement.alphas = (0.0, 0.5)
+  cfg.lab.ablations.method = 'dpo'
+  cfg.lab.ablations.order = ('lower_clip',)
   cfg.data.batch_size = 16
-  cfg.train.num_steps = 4
   results = study.run_study(cfg, tmp_path)
 
   on_disk = json.loads((tmp_path / 'results.json').read_text())
   assert on_disk['verdict'] == results['verdict']
-  assert on_disk['meta']['steps'] == 4 and on_disk['meta']['pairs_pairs'] > 80
+  meta = on_disk['meta']
+  # One epoch of the kept pairs, in steps of 16.
+  assert meta['steps'] == meta['pairs_pairs'] // 16 and meta['steps_per_epoch'] >= meta['steps']
+  assert meta['runs'] == 2 * 2 * 2 + 2 * 2 * 2 + 2 * 2  # sweep + 2 alphas + ablation (on only)
   points = on_disk['points']
-  # dpo x {off, on} x steps {0, 2, 4}
-  assert len(points) == 6
-  assert {(p['importance'], p['step']) for p in points} == {
-      (i, s) for i in (False, True) for s in (0, 2, 4)}
+  steps = sorted({p['step'] for p in points})
+  assert steps[0] == 0 and steps[-1] == meta['steps'] and all(s % 2 == 0 for s in steps[:-1])
+  assert len(points) == meta['runs'] * len(steps)
   for p in points:
-    assert set(p) >= {'method', 'beta', 'importance', 'seed', 'step', 'kl', 'kl_stderr', 'gold',
-                      'gold_stderr', 'length', 'win_rate'}
-    assert 0.0 <= p['win_rate'] <= 1.0
-  # At step 0 the policy is the reference: zero KL.
-  assert all(abs(p['kl']) < 1e-3 for p in points if p['step'] == 0)
+    assert set(p) >= {'method', 'variant', 'beta', 'importance', 'seed', 'step', 'epoch', 'kl',
+                      'gold', 'win_rate'}
+    assert 0.0 <= p['win_rate'] <= 1.0 and p['epoch'] <= 1.0
+    if p['step']:
+      # Without the weight its ESS is the whole batch.
+      assert p['importance'] or p['is/ess'] == 16.0
+  # At step 0 the policy is the reference: zero KL, and every run samples the same responses.
+  first = [p for p in points if p['step'] == 0]
+  assert all(abs(p['kl']) < 1e-3 for p in first)
+  assert len({round(p['gold'], 6) for p in first if p['seed'] == 0}) == 1
   rows = on_disk['summary']
-  assert len(rows) == 2 and {r['importance'] for r in rows} == {False, True}
-  assert {'peak_gold', 'final_gold', 'kl_at_peak', 'fit_a', 'fit_b'} <= set(rows[0])
+  assert {(r['variant'], r['importance']) for r in rows} == {
+      ('', False), ('', True), ('alpha=0', False), ('alpha=0', True), ('alpha=0.5', False),
+      ('alpha=0.5', True), ('lower_clip', True)}
+  assert all(0.0 <= r['peak_epoch'] <= 1.0 for r in rows)
 
   report = (tmp_path / 'report.md').read_text()
-  assert '## Verdict' in report and '## dpo' in report and 'importance weight' in report
-  assert (tmp_path / 'gold_vs_sqrt_kl.png').stat().st_size > 1000
-  assert (tmp_path / 'gold_vs_step.png').stat().st_size > 1000
+  for heading in ('## Verdict', '## dpo', '## Importance ablations (not in the paper)',
+                  '## AlphaPO likelihood displacement', 'Paired by seed'):
+    assert heading in report
+  for png in ('gold_vs_sqrt_kl.png', 'gold_vs_step.png', 'difference_vs_beta.png',
+              'alphapo_displacement.png'):
+    assert (tmp_path / png).stat().st_size > 1000
   assert (tmp_path / 'reference' / 'model.safetensors').exists()
-  first = json.loads((tmp_path / 'pairs.jsonl').read_text().splitlines()[0])
-  assert {'prompt_ids', 'chosen_ids', 'rejected_ids', 'reference_chosen_logps'} <= set(first)
-  # The runs went through the real loop: metrics with lab scalars, and a checkpoint.
-  run = tmp_path / 'runs' / 'dpo-b0.1-is1-s0'
-  logged = read_metrics(run)
-  assert any('lab/gold' in r for r in logged) and any('is/weight_mean' in r for r in logged)
-  assert (run / 'checkpoints' / '4').exists()
+  # Each sweep run's final policy, for notebooks/loss_surface.py.
+  assert (tmp_path / 'runs' / study.run_name('dpo', 0.5, True, 1) / 'model.safetensors').exists()
+  row = json.loads((tmp_path / 'pairs.jsonl').read_text().splitlines()[0])
+  assert {'prompt_ids', 'chosen_ids', 'rejected_ids', 'reference_chosen_logps'} <= set(row)
 
 
 def test_find_or_run_reads_finished_results_and_never_overwrites_an_unfinished_run(tmp_path):

@@ -38,25 +38,27 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
   d.max_prompt_length = 5
   d.length_buckets = (16,)
   d.batch_size = 64
-  d.num_epochs = 100  # the run length is set by train.num_steps
+  d.num_epochs = 1  # one epoch or less (lab.epochs): the scaling-laws paper's regime
 
   config.loss.importance.eps = 0.25
   o = config.optimizer
+  # AdamW as the IS-DAA authors' script: b2 0.999, eps 1e-5, linear warmup (~5% of the epoch, as
+  # their 50 of ~1250 steps), cosine decay to 0.1 x lr, no weight decay, clip 10.
   o.learning_rate = 1e-3
-  o.warmup_steps = 5
-  o.min_lr_ratio = 1.0
+  o.warmup_steps = 3
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-5
   o.weight_decay = 0.0
   o.grad_clip_norm = 10.0
 
   config.mesh.fsdp = 1
   config.mesh.data = -1
-  config.checkpoint.every_steps = 10_000
-  config.checkpoint.keep_last = 1
-  config.checkpoint.keep_best = False
-  config.checkpoint.async_save = False
-  config.checkpoint.export_hf = False
   t = config.train
-  t.num_steps = 100 if quick else 150
+  # The pairs carry the reference's log-probs (preferences.make_pairs), so no reference model
+  # runs in the step; train.num_steps is set by the study from lab.epochs and the pair count.
+  t.reference = 'precomputed'
   t.log_every = 10
   t.eval_every = 0
   t.tensorboard = False
@@ -78,20 +80,39 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
         # Supervised training of the reference policy on demonstrations.
         sft=dict(num_demos=4096, steps=300 if quick else 400, batch_size=64, learning_rate=3e-3),
         # Preference pairs sampled from the reference and labelled by the gold reward.
-        num_pairs=2048,
-        # Gold reward and KL are measured on policy samples every `eval_every` steps.
-        eval_every=20 if quick else 25,
-        eval_prompts=128 if quick else 192,
-        # (method, beta) grid; every method runs with and without the importance weight.
-        methods=('dpo', 'ipo', 'simpo', 'alphapo'),
+        num_pairs=2048 if quick else 4096,
+        # Each run trains this fraction of one pass over the pairs.
+        epochs=1.0,
+        # Gold reward and KL are measured on policy samples every `eval_every` steps (every
+        # ~3% of the epoch in the full study, ~6% in quick mode).
+        eval_every=2,
+        eval_prompts=64 if quick else 128,
+        # Every method runs over its betas (low to high regularization; quick mode: the lowest,
+        # where the IS-DAA paper puts the weight's benefit) with and without the
+        # importance weight, on every seed; with/without pairs share data order and init.
+        methods=('dpo', 'ipo', 'hinge', 'simpo', 'alphapo'),
         betas=dict(
-            dpo=(0.1,) if quick else (0.05, 0.2),
-            ipo=(0.5,) if quick else (0.25, 1.0),
-            simpo=(2.0,) if quick else (1.0, 2.5),
-            alphapo=(2.5,) if quick else (1.0, 2.5),
+            dpo=(0.02,) if quick else (0.02, 0.05, 0.1, 0.2, 0.5),
+            # Summed IPO, as the authors' script: target margin 1/(2 beta) nats.
+            ipo=(0.05,) if quick else (0.05, 0.1, 0.25, 0.5, 1.0),
+            # hinge (SLiC): relu(1 - beta*delta), margin 1/beta in log-ratio units.
+            hinge=(0.02,) if quick else (0.02, 0.05, 0.1, 0.2, 0.5),
+            simpo=(0.5,) if quick else (0.5, 1.0, 2.0, 4.0, 8.0),
+            alphapo=(0.5,) if quick else (0.5, 1.0, 2.5, 5.0, 10.0),
         ),
         gamma=dict(simpo=0.1, alphapo=0.1),
         alpha=0.25,
-        seeds=(0,) if quick else (0, 1, 2),
+        # AlphaPO's likelihood displacement: the chosen log-prob change against alpha at one
+        # beta (alpha 0 is SimPO exactly).
+        displacement=dict(alphas=() if quick else (0.0, 0.25, 0.5, 1.0), beta=2.5),
+        # Not in the paper: `loss.importance` variants, weight on only, for one method's betas.
+        ablations=dict(
+            method='ipo',
+            order=() if quick else ('token_mean', 'lower_clip', 'self_normalize'),
+            token_mean=dict(log_ratio='token_mean'),
+            lower_clip=dict(min_log_weight=-0.5),
+            self_normalize=dict(self_normalize=True),
+        ),
+        seeds=(0, 1, 2) if quick else (0, 1, 2, 3, 4),
     ))
   return config

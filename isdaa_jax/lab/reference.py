@@ -1,5 +1,6 @@
 """Supervised training of the lab's reference policy on the demonstration distribution."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -26,18 +27,22 @@ def train_reference(task: Task, model_cfg: LlamaConfig, sft_config, seed: int):
   data = collate.collate_pairs(pairs, seq_len)
   data = {k: v for k, v in data.items() if k.startswith('chosen_')}
 
-  model = Llama(model_cfg, rngs=nnx.Rngs(seed))
-  optimizer = nnx.Optimizer(model, optax.adam(sft_config.learning_rate), wrt=nnx.Param)
+  # Pure-array init and step under jax.jit: eager init compiles each random op on its own, and
+  # nnx.jit's per-call graph bookkeeping cost more than this tiny model's step.
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(seed))))
+  params = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Llama(model_cfg, rngs=nnx.Rngs(seed)))))()
+  tx = optax.adam(sft_config.learning_rate)
 
-  @nnx.jit
-  def step(model, optimizer, batch):
-    loss, grads = nnx.value_and_grad(_nll)(model, batch)
-    optimizer.update(model, grads)
-    return loss
+  @jax.jit
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(lambda p: _nll(nnx.merge(graphdef, p), batch))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
+  opt_state = tx.init(params)
   loss = jnp.nan
   n = sft_config.num_demos
-  for i in range(sft_config.steps):
+  for _ in range(sft_config.steps):
     idx = rng.integers(0, n, sft_config.batch_size)
-    loss = step(model, optimizer, {k: v[idx] for k, v in data.items()})
-  return model, float(loss)
+    params, opt_state, loss = step(params, opt_state, {k: v[idx] for k, v in data.items()})
+  return nnx.merge(graphdef, params), float(loss)

@@ -13,11 +13,10 @@ import tempfile
 # The lab's quick mode, as the README's first command runs it.
 QUICK_COMMAND = ('-m', 'isdaa_jax.lab', '--config=configs/lab.py:quick')
 # tests/lab_test.py's smoke grid: a run of seconds for notebook tests.
-SMOKE_OVERRIDES = ("--config.lab.methods=('dpo',)", '--config.lab.seeds=(0,)',
+SMOKE_OVERRIDES = ("--config.lab.methods=('dpo',)", '--config.lab.seeds=(0,1)',
                    '--config.lab.sft.num_demos=256', '--config.lab.sft.steps=20',
-                   '--config.lab.num_pairs=96', '--config.lab.eval_prompts=16',
-                   '--config.lab.eval_every=2', '--config.data.batch_size=16',
-                   '--config.train.num_steps=4')
+                   '--config.lab.num_pairs=64', '--config.lab.eval_prompts=16',
+                   '--config.data.batch_size=16')
 
 
 def find_or_run(lab_dir: pathlib.Path, *, smoke: bool, explicit: bool,
