@@ -126,11 +126,15 @@ def unsharded_params(model_cfg, mesh) -> list:
 
 
 def model_flops(model_cfg, step_mode: str, rows: int, row_len: int) -> float:
-  """FLOPs of one step by counting: 2N per token forward, 4N backward, 2N for an in-step
-  reference; attention scores as XLA computes them (the full T x T, masked half included)."""
+  """FLOPs of one step by counting: 2N per token forward, 4N backward (2N with LoRA), 2N for an
+  in-step reference; attention scores as XLA computes them (the full T x T, masked half included)."""
   tokens = rows * row_len
   attn_fwd = 4 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * row_len
-  passes = 3 + (1 if reference_lib.in_step(step_mode) else 0)  # forward-equivalents
+  # Forward-equivalents: the forward, a backward of two (input and weight gradients; with LoRA
+  # only the input half, the frozen base's weights get none and the adapters' share is small),
+  # and a reference forward when it runs in the step (with LoRA: the base, adapters off).
+  backward = 1 if model_cfg.lora is not None else 2
+  passes = 1 + backward + (1 if reference_lib.in_step(step_mode) else 0)
   return passes * (2 * model_cfg.num_params() + attn_fwd) * tokens
 
 
@@ -143,9 +147,8 @@ def compile_plan(config, slice_: tpu_chips.Slice, hbm_bytes: int = 0) -> dict:
   mesh = sharding.make_mesh(config.mesh, devices)
   run_setup = train.setup(config, mesh)
   state = run_setup.abstract_state
-  reference = (jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            state.params, run_setup.reference_sharding)
-               if reference_lib.in_step(run_setup.step.reference) else {})
+  # The in-step reference model, or with LoRA the frozen base (which is also the reference).
+  reference = run_setup.abstract_frozen
   batch = abstract_batch(config, run_setup)
   compiled = run_setup.train_step.lower(state, reference, batch).compile()
   mem = compiled.memory_analysis()

@@ -5,8 +5,8 @@ placed sharded on the mesh.
   params = load_params(config.model, mesh, config.seed, params_sharding)
 
 With LoRA (`model.lora.rank > 0`) the trained params are the adapters; the base is frozen:
-  cfg, graphdef, base_graphdef, base_sharding, adapter_sharding, abstract_adapters = (
-      abstract_lora_policy(config.model, mesh, seed))
+  (cfg, graphdef, base_graphdef, base_sharding, abstract_base, adapter_sharding,
+   abstract_adapters) = abstract_lora_policy(config.model, mesh, seed)
   base = load_params(base_model_config(config.model), mesh, seed, base_sharding)
   adapters = load_adapters(config.model, cfg, mesh, seed, adapter_sharding)
 """
@@ -74,15 +74,16 @@ def base_model_config(model_config_section):
 
 def abstract_lora_policy(model_config_section, mesh, seed: int):
   """(adapted LlamaConfig, its graphdef, the base's graphdef, the base's params sharding, the
-  adapters' sharding, the adapters as ShapeDtypeStructs) for `model.lora.rank > 0`."""
-  base_cfg, base_graphdef, base_sharding, _ = abstract_policy(
+  base as ShapeDtypeStructs, the adapters' sharding, the adapters as ShapeDtypeStructs) for
+  `model.lora.rank > 0`."""
+  base_cfg, base_graphdef, base_sharding, abstract_base = abstract_policy(
       base_model_config(model_config_section), mesh, seed)
   cfg = dataclasses.replace(base_cfg, lora=lora.LoraSpec.from_config(model_config_section))
   abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(seed)))
   _, adapter_sharding = lora.split(param_shardings(abstract, mesh))
   _, abstract_adapters = lora.split(nnx.to_pure_dict(nnx.state(abstract)))
-  return (cfg, nnx.graphdef(abstract), base_graphdef, base_sharding, adapter_sharding,
-          abstract_adapters)
+  return (cfg, nnx.graphdef(abstract), base_graphdef, base_sharding, abstract_base,
+          adapter_sharding, abstract_adapters)
 
 
 def load_adapters(model_config_section, cfg: LlamaConfig, mesh, seed: int,

@@ -172,6 +172,9 @@ class Setup:
   # its params' shardings (else `params_sharding`).
   base_graphdef: Any = None
   base_sharding: Any = None
+  # The step's frozen argument as ShapeDtypeStructs carrying `reference_sharding` (the in-step
+  # reference or the LoRA base; {} when there is none): what the planner compiles against.
+  abstract_frozen: Any = None
 
   def policy_params(self, params, frozen) -> dict:
     """The full policy's pure dict (for `graphdef`) from the trained params and frozen arg."""
@@ -205,12 +208,12 @@ def setup(config, mesh) -> Setup:
     raise UserError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
                     f'data-parallel mesh size data*fsdp={mesh.shape["data"] * mesh.shape["fsdp"]}')
   if config.model.lora.rank:
-    (model_cfg, graphdef, base_graphdef, base_sharding, params_sharding,
+    (model_cfg, graphdef, base_graphdef, base_sharding, abstract_base, params_sharding,
      abstract_params) = policy_lib.abstract_lora_policy(config.model, mesh, config.seed)
   else:
     model_cfg, graphdef, params_sharding, abstract_params = policy_lib.abstract_policy(
         config.model, mesh, config.seed)
-    base_graphdef, base_sharding = graphdef, params_sharding
+    base_graphdef, base_sharding, abstract_base = graphdef, params_sharding, abstract_params
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optimizer, num_steps)
   schedule = learning_rate_schedule(config.optimizer, num_steps)
@@ -221,10 +224,13 @@ def setup(config, mesh) -> Setup:
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, state_sharding)
   cfg = StepConfig.from_config(config)
-  if cfg.lora:
+  if cfg.lora or reference_lib.in_step(cfg.reference):
     reference_sharding = base_sharding
+    abstract_frozen = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_base,
+        base_sharding)
   else:
-    reference_sharding = params_sharding if reference_lib.in_step(cfg.reference) else {}
+    reference_sharding, abstract_frozen = {}, {}
   graphdefs = dict(graphdef=graphdef, base_graphdef=base_graphdef)
   batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
@@ -240,7 +246,8 @@ def setup(config, mesh) -> Setup:
                step=cfg, params_sharding=params_sharding, reference_sharding=reference_sharding,
                state_sharding=state_sharding, abstract_state=abstract_state,
                batch_sharding=batch_sharding, train_step=step, eval_step=evaluate,
-               base_graphdef=base_graphdef, base_sharding=base_sharding)
+               base_graphdef=base_graphdef, base_sharding=base_sharding,
+               abstract_frozen=abstract_frozen)
 
 
 def load_start(config, run_setup: Setup):

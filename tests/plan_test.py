@@ -1,5 +1,6 @@
 """The TPU planner: the real train step compiled for TPU slices from this CPU host (libtpu)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from configs import tiny
 from isdaa_jax import plan, tpu_chips
+from isdaa_jax.model import lora
 from isdaa_jax.model.llama import LlamaConfig
 
 _REPO = pathlib.Path(__file__).parents[1]
@@ -166,3 +168,25 @@ def test_cli_unknown_topology_is_one_sentence():
 def test_gpu_only_attention_is_refused_before_compiling():
   with pytest.raises(plan.PlanError, match="attention='cudnn' is a GPU kernel"):
     plan.compile_plan(_tiny(model__attention='cudnn'), tpu_chips.parse('v5p-8'))
+
+
+def test_lora_plan_holds_the_base_once_and_adapters_with_their_moments():
+  """Issue 16 with the planner: the step's frozen argument is the LoRA base (it is also the
+  reference), sharded like the full model's parameters; only the small adapters carry Adam
+  moments; the counted FLOPs drop the base's weight gradients."""
+  config = _tiny()
+  config.model.lora.rank = 4
+  got = plan.compile_plan(config, tpu_chips.parse('v5p:2x2x1'))
+  c = got['per_chip_bytes']
+  assert c['reference'] == _param_bytes(config) / 4  # the float32 base, sharded over fsdp=4
+  # Rank 4 on q, k, v, o, gate, up, down: 4 * (sum of in + out) = 2048 per layer, 2 layers, f32.
+  # A shards with its projection's input axis (fsdp), B with its output axis (the tensor axis
+  # of size 1 here, so B is replicated): per chip, between a quarter and all of the total.
+  adapters = 4 * 2 * 4 * (64 + 48 + 48 + 64 + 96 + 96 + 96)
+  assert adapters / 4 < c['params'] < adapters
+  assert 2 * c['params'] <= c['optimizer'] < 3 * c['params'] + 1024
+  cfg = LlamaConfig.from_model_config(config.model)
+  lora_cfg = dataclasses.replace(cfg, lora=lora.LoraSpec.from_config(config.model))
+  # Forward + input-gradient backward + base-as-reference forward = 3 of full DPO's 4 passes.
+  full = plan.model_flops(cfg, 'model', rows=16, row_len=48)
+  assert math.isclose(plan.model_flops(lora_cfg, 'model', rows=16, row_len=48), 0.75 * full)
