@@ -202,6 +202,16 @@ def state_shardings(tx, abstract_state: TrainState, params_sharding, mesh) -> Tr
   return TrainState(step=rep, params=params_sharding, opt_state=opt)
 
 
+def _under_mesh(mesh, fn):
+  """`fn` traced with `mesh` as the abstract mesh in context, so the model's activation
+  constraints (`llama.rows_over_data`) know the data-parallel axes."""
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 def setup(config, mesh) -> Setup:
   """Optimizer, schedule, shardings, abstract state, step config and the jitted steps."""
   if config.data.batch_size % (mesh.shape['data'] * mesh.shape['fsdp']):
@@ -234,12 +244,13 @@ def setup(config, mesh) -> Setup:
   graphdefs = dict(graphdef=graphdef, base_graphdef=base_graphdef)
   batch_sharding = sharding.batch_sharding(mesh)
   step = jax.jit(
-      functools.partial(train_step, tx=tx, schedule=schedule, cfg=cfg, **graphdefs),
+      _under_mesh(mesh, functools.partial(train_step, tx=tx, schedule=schedule, cfg=cfg,
+                                          **graphdefs)),
       in_shardings=(state_sharding, reference_sharding, batch_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)),
       donate_argnums=(0,))
   evaluate = jax.jit(
-      functools.partial(eval_step, cfg=cfg, **graphdefs),
+      _under_mesh(mesh, functools.partial(eval_step, cfg=cfg, **graphdefs)),
       in_shardings=(params_sharding, reference_sharding, batch_sharding),
       out_shardings=sharding.replicated(mesh))
   return Setup(mesh=mesh, model_cfg=model_cfg, graphdef=graphdef, tx=tx, schedule=schedule,

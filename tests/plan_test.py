@@ -103,6 +103,12 @@ def test_single_host_shards_params_and_batch(single):
   assert single['roofline_step_s'] == max(single['roofline_compute_s'],
                                           single['roofline_memory_s'])
   assert math.isclose(single['roofline_pairs_per_s'], 8 / single['roofline_step_s'])
+  # FSDP: the weights are gathered for each device's own rows. Only gradients (plus the
+  # embedding's scatter-add and scalars) are all-reduced: 1.14x the full parameter bytes here;
+  # before `llama.rows_over_data` XLA kept the weights in place and all-reduced replicated
+  # activations, 37x the parameter bytes on this tiny model.
+  assert single['collective_bytes_per_chip']['all-reduce'] <= 1.25 * 4 * c['params']
+  assert single['collective_bytes_per_chip']['all-gather'] >= 4 * c['params']
 
 
 def test_multi_host_topology_compiles_in_one_process(multi):

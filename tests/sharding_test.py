@@ -103,3 +103,9 @@ def test_sharded_and_unsharded_logits_and_grads_agree():
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4)
+
+
+def test_model_activation_constraint_uses_the_batch_axes():
+  """The model names the data-parallel axes itself (it does not import this module)."""
+  from isdaa_jax.model import llama
+  assert llama._BATCH_AXES == sharding.BATCH_AXES

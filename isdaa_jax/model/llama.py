@@ -273,7 +273,7 @@ class DecoderLayers(nnx.Module):
     gate_MF = proj('md,df->mf', h_MD, 'w_gate')
     up_MF = proj('md,df->mf', h_MD, 'w_up')
     x_MD = x_MD + proj('mf,fd->md', jax.nn.silu(gate_MF) * up_MF, 'w_down')
-    return x_MD.reshape(b, t, d), (k, v)
+    return rows_over_data(x_MD.reshape(b, t, d)), (k, v)
 
   def __call__(self, x_BTD, cos, sin, mask, cache=None, cache_index=None):
     names = self.PARAM_NAMES + (() if self.cfg.lora is None else
@@ -306,6 +306,27 @@ class DecoderLayers(nnx.Module):
         new_v.append(v)
       new_kv = None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
     return x_BTD, new_kv
+
+
+# The data-parallel mesh axes (isdaa_jax.sharding.BATCH_AXES; the model does not import the
+# sharding module, which sits above it).
+_BATCH_AXES = ('data', 'fsdp')
+
+
+def rows_over_data(x: Array) -> Array:
+  """`x` [B, ...] with its rows split over the data-parallel axes of the mesh in context.
+
+  Without it XLA's sharding propagation may keep the fsdp-sharded weights in place and compute
+  every row on every fsdp device, all-reducing the activations (measured for a TPU v5p slice by
+  isdaa_jax.plan: 4.6x the parameter bytes all-reduced per step), instead of gathering the
+  weights for the device's own rows (FSDP). No mesh in context (eager use, sampling): unchanged.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names)
+  if mesh.empty or not axes:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, jax.sharding.PartitionSpec(axes, *([None] * (x.ndim - 1))))
 
 
 class Llama(nnx.Module):
@@ -345,7 +366,8 @@ class Llama(nnx.Module):
 
   def _forward(self, input_ids_BT, positions_BT, mask, cache=None, cache_index=None):
     cfg = self.cfg
-    x = jnp.take(self.embed.get_value(), input_ids_BT, axis=0).astype(cfg.compute_dtype)
+    x = rows_over_data(
+        jnp.take(self.embed.get_value(), input_ids_BT, axis=0).astype(cfg.compute_dtype))
     cos, sin = rope_tables(cfg, positions_BT)
     x, new_kv = self.layers(x, cos, sin, mask, cache, cache_index)
     return rms_norm(x, self.final_norm.get_value(), cfg.rms_norm_eps), new_kv
