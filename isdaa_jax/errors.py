@@ -15,3 +15,7 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
   """A file or folder the user named does not exist."""
+
+
+class ModelFileError(UserError):
+  """A checkpoint or model file that does not describe a supported Llama model."""

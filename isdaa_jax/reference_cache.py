@@ -99,12 +99,13 @@ def pairs_digest(pairs: Sequence[Mapping]) -> str:
 
 def tokenizer_digest(name: str) -> str:
   """The tokenizer files of a folder or hub id ('' = no tokenizer: token-id data)."""
-  from isdaa_jax.model import gguf, hf  # pylint: disable=g-import-not-at-top
+  from isdaa_jax import gguf_file  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
   if not name:
     return _sha_json('no tokenizer')
-  gguf_file = gguf.find(name)
-  if gguf_file is not None:  # the tokenizer is metadata of the model file
-    return _sha_files([gguf_file])
+  model_file = gguf_file.find(name)
+  if model_file is not None:  # the tokenizer is metadata of the model file
+    return _sha_files([model_file])
   folder = hf.resolve(name, _TOKENIZER_FILES)
   files = sorted(p for p in folder.iterdir() if p.is_file() and any(
       fnmatch.fnmatch(p.name, pattern) for pattern in _TOKENIZER_FILES))
@@ -114,10 +115,11 @@ def tokenizer_digest(name: str) -> str:
 def reference_digest(path: str, model_config, seed: int) -> str:
   """A checkpoint folder (or hub id, resolved as the model loader does) by content; '' = the
   random initialisation of `model_config`'s architecture with `seed`."""
-  from isdaa_jax.model import gguf, hf, llama  # pylint: disable=g-import-not-at-top
-  gguf_file = gguf.find(path) if path else None
-  if gguf_file is not None:
-    return _sha_files([gguf_file])
+  from isdaa_jax import gguf_file  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.model import hf, llama  # pylint: disable=g-import-not-at-top
+  model_file = gguf_file.find(path) if path else None
+  if model_file is not None:
+    return _sha_files([model_file])
   if path:
     folder = hf.resolve(path)
     files = sorted(p for p in folder.iterdir() if p.is_file() and (

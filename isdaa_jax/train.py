@@ -186,12 +186,13 @@ class Setup:
 
   def init_state(self, params) -> TrainState:
     """A fresh state around already-placed params; the optimizer state is created sharded."""
-    tx = self.tx
+    return jax.jit(functools.partial(fresh_state, self.tx),
+                   out_shardings=self.state_sharding)(params)
 
-    @functools.partial(jax.jit, out_shardings=self.state_sharding)
-    def init(p):
-      return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
-    return init(params)
+
+def fresh_state(tx, params) -> TrainState:
+  """Step 0 around `params` with `tx`'s initial optimizer state (traceable: eval_shape, vmap)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 def state_shardings(tx, abstract_state: TrainState, params_sharding, mesh) -> TrainState:
@@ -227,9 +228,7 @@ def setup(config, mesh) -> Setup:
   num_steps = config.train.num_steps
   tx = make_optimizer(config.optimizer, num_steps)
   schedule = learning_rate_schedule(config.optimizer, num_steps)
-  abstract = jax.eval_shape(
-      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-      abstract_params)
+  abstract = jax.eval_shape(functools.partial(fresh_state, tx), abstract_params)
   state_sharding = state_shardings(tx, abstract, params_sharding, mesh)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract, state_sharding)

@@ -60,8 +60,9 @@ def test_preset_parameter_counts_match_published_sizes(name, expected):
   assert count == expected == cfg.num_params()
 
 
-def test_presets_are_classmethods_and_unknown_names_fail():
-  assert LlamaConfig.llama3_1_8b() == LlamaConfig.preset('llama3.1-8b')
+def test_presets_take_overrides_and_unknown_names_fail():
+  assert LlamaConfig.preset('llama3.1-8b', num_layers=2).num_layers == 2
+  assert LlamaConfig.preset('llama3.1-8b').hidden_size == 4096
   assert LlamaConfig.tiny(vocab_size=10).vocab_size == 10
   with pytest.raises(ValueError, match='unknown model preset'):
     LlamaConfig.preset('llama2-7b')

@@ -42,10 +42,10 @@ def load_tokenizer(name: str):
     raise TokenizerError('text pairs need a tokenizer: set config.data.tokenizer to a tokenizer '
                          "folder or hub id, or config.model.path to the model's")
   import transformers  # pylint: disable=g-import-not-at-top
-  from isdaa_jax.model import gguf  # pylint: disable=g-import-not-at-top
-  gguf_file = gguf.find(name)
-  if gguf_file is not None:
-    return gguf.load_tokenizer(gguf_file)
+  from isdaa_jax import gguf_file  # pylint: disable=g-import-not-at-top
+  model_file = gguf_file.find(name)
+  if model_file is not None:
+    return gguf_file.load_tokenizer(model_file)
   try:
     return transformers.AutoTokenizer.from_pretrained(name)
   except (OSError, ValueError) as e:

@@ -17,6 +17,7 @@ jitted step alone.
 
 import copy
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -86,8 +87,7 @@ def init_state(run_setup: train.Setup, params, num_runs: int) -> train.TrainStat
   @jax.jit
   def init(p):
     p_R = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_runs,) + x.shape), p)
-    return jax.vmap(lambda q: train.TrainState(step=jnp.zeros((), jnp.int32), params=q,
-                                               opt_state=tx.init(q)))(p_R)
+    return jax.vmap(functools.partial(train.fresh_state, tx))(p_R)
   return init(params)
 
 

@@ -13,9 +13,9 @@ import sys
 import jax
 from absl import app, flags, logging
 
-from isdaa_jax import defaults, sharding
+from isdaa_jax import defaults, gguf_file, sharding
 from isdaa_jax.errors import UserError
-from isdaa_jax.model import gguf, hf
+from isdaa_jax.model import hf
 
 
 class NotAGGUFError(UserError, FileNotFoundError):
@@ -24,7 +24,7 @@ class NotAGGUFError(UserError, FileNotFoundError):
 
 def convert(gguf_path: str, out_dir: str) -> pathlib.Path:
   """Writes the HF folder of the GGUF file at `gguf_path` into `out_dir`; returns that folder."""
-  path = gguf.find(gguf_path)
+  path = gguf_file.find(gguf_path)
   if path is None:
     raise NotAGGUFError(f'{gguf_path} is not a .gguf file or a folder holding one; give the path '
                         'of the llama.cpp model file')
@@ -32,7 +32,7 @@ def convert(gguf_path: str, out_dir: str) -> pathlib.Path:
   config.model.param_dtype = config.model.dtype = 'float32'
   model = hf.load_model(str(path), config.model,
                         sharding.make_mesh(config.mesh, jax.devices('cpu')[:1]))
-  tok = gguf.load_tokenizer(path)
+  tok = gguf_file.load_tokenizer(path)
   ids = {f'{name}_token_id': getattr(tok, f'{name}_token_id') for name in ('bos', 'eos', 'pad')}
   out = pathlib.Path(out_dir)
   hf.save_model(model, str(out), extra_config={k: v for k, v in ids.items() if v is not None})

@@ -24,7 +24,7 @@ from huggingface_hub import errors as hub_errors
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from isdaa_jax import sharding
+from isdaa_jax import gguf_file, sharding
 from isdaa_jax.errors import UserError
 from isdaa_jax.model import gguf
 from isdaa_jax.model import hf_config
@@ -180,9 +180,9 @@ def read_config(folder: pathlib.Path) -> dict:
 
 def load_config(path_or_hub_id: str, model_config=None) -> LlamaConfig:
   """The architecture in config.json (or a .gguf file's metadata), with `model_config`'s policy."""
-  gguf_file = gguf.find(path_or_hub_id)
-  if gguf_file is not None:
-    return gguf.load_config(gguf_file, model_config)
+  model_file = gguf_file.find(path_or_hub_id)
+  if model_file is not None:
+    return gguf.load_config(model_file, model_config)
   folder = resolve(path_or_hub_id)
   return hf_config.from_hf_dict(read_config(folder), model_config,
                                 where=str(folder / 'config.json'))
@@ -291,9 +291,9 @@ def load_model(path_or_hub_id: str, model_config, mesh: Mesh) -> Llama:
   The architecture comes from config.json; dtypes, remat, scan and attention kernel from
   `model_config` (`config.model`).
   """
-  gguf_file = gguf.find(path_or_hub_id)
-  if gguf_file is not None:
-    return gguf.load_model(gguf_file, model_config, mesh)
+  model_file = gguf_file.find(path_or_hub_id)
+  if model_file is not None:
+    return gguf.load_model(model_file, model_config, mesh)
   folder = resolve(path_or_hub_id)
   model, _ = _load(folder, load_config(folder, model_config), mesh)
   return model

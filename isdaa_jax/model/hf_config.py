@@ -7,12 +7,8 @@ transformers 5 writes `rope_parameters` = {rope_type, rope_theta, scaling fields
 
 from typing import Any, Optional
 
-from isdaa_jax.errors import UserError
+from isdaa_jax.errors import ModelFileError  # re-exported: hf_config.ModelFileError
 from isdaa_jax.model.llama import LlamaConfig, execution_policy
-
-
-class ModelFileError(UserError):
-  """A checkpoint whose config.json or tensors do not describe a supported Llama model."""
 
 
 # transformers' LlamaConfig defaults for keys a config.json may leave out (the format's defaults,

@@ -116,22 +116,6 @@ class LlamaConfig:
     return cls.preset('tiny', **overrides)
 
   @classmethod
-  def llama3_2_1b(cls, **overrides):
-    return cls.preset('llama3.2-1b', **overrides)
-
-  @classmethod
-  def llama3_2_3b(cls, **overrides):
-    return cls.preset('llama3.2-3b', **overrides)
-
-  @classmethod
-  def llama3_1_8b(cls, **overrides):
-    return cls.preset('llama3.1-8b', **overrides)
-
-  @classmethod
-  def llama3_1_70b(cls, **overrides):
-    return cls.preset('llama3.1-70b', **overrides)
-
-  @classmethod
   def from_model_config(cls, model_config) -> 'LlamaConfig':
     """From `config.model`: a preset, or the explicit architecture fields (not `path`)."""
     policy = execution_policy(model_config)
