@@ -220,7 +220,9 @@ def _define_flags():
   config_flags.DEFINE_config_file(
       'config', defaults.__file__, 'Config file whose model (dtypes, attention), mesh and '
       'sample_eval (sampling, gold reward) sections apply.', lock_config=True)
-  flags.DEFINE_string('policy', None, 'Policy: Hugging Face folder or hub id.', required=True)
+  flags.DEFINE_string('policy', None, 'Policy: Hugging Face folder, .gguf file or hub id (with '
+                      '--config.model.lora.init_from=ADAPTER, that PEFT adapter merged in).',
+                      required=True)
   flags.DEFINE_string('reference', None, 'Reference: folder or hub id.', required=True)
   flags.DEFINE_string('prompts', None, 'JSONL with prompt_ids per row.', required=True)
   flags.DEFINE_string('out', None, 'Where the JSON result goes.', required=True)
@@ -237,13 +239,13 @@ def _define_flags():
 
 def run(config, *, policy: str, reference: str, prompts_path: str, limit: int) -> dict:
   """The command: loads both models, samples and scores; returns the result with the count."""
-  from isdaa_jax import sharding  # pylint: disable=g-import-not-at-top
+  from isdaa_jax import policy as policy_lib, sharding  # pylint: disable=g-import-not-at-top
   from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
   s = config.sample_eval
   prompts = read_prompts(prompts_path, limit)
   mesh = sharding.make_mesh(config.mesh)
   gold_fn = gold_fn_from_config(s, config.model, mesh)
-  policy_model = hf.load_model(policy, config.model, mesh)
+  policy_model = policy_lib.load_model(config.model, policy, mesh)
   reference_model = hf.load_model(reference, config.model, mesh)
   params = sample.SamplingParams.from_config(s)
   ref_samples = sample.generate(reference_model, prompts, jax.random.key(s.seed + 1), params)

@@ -9,6 +9,9 @@ With LoRA (`model.lora.rank > 0`) the trained params are the adapters; the base 
    abstract_adapters) = abstract_lora_policy(config.model, mesh, seed)
   base = load_params(base_model_config(config.model), mesh, seed, base_sharding)
   adapters = load_adapters(config.model, cfg, mesh, seed, adapter_sharding)
+
+Scoring and sampling a checkpoint (`score`, `evaluate`): `load_model(config.model, path, mesh)`,
+which merges `model.lora.init_from`'s PEFT adapter into it when one is set.
 """
 
 import copy
@@ -98,3 +101,23 @@ def load_adapters(model_config_section, cfg: LlamaConfig, mesh, seed: int,
     # Only the adapters leave the jit: the base's random initialization is dead code there.
     return lora.split(nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed)))))[1]
   return jax.jit(init, out_shardings=adapter_sharding)()
+
+
+def load_model(model_config_section, path: str, mesh) -> Llama:
+  """The checkpoint at `path` as a model to score or sample; with `model.lora.init_from` set,
+  that PEFT adapter merged into it (the adapted policy, as a LoRA run from `path` starts)."""
+  from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+  model = hf.load_model(path, model_config_section, mesh)
+  if not (model_config_section.lora.rank and model_config_section.lora.init_from):
+    return model
+  spec = lora.LoraSpec.from_config(model_config_section)
+  cfg = dataclasses.replace(model.cfg, lora=spec)
+  abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  _, adapter_sharding = lora.split(param_shardings(abstract, mesh))
+  adapters = load_adapters(model_config_section, cfg, mesh, 0, adapter_sharding)
+  graphdef, state = nnx.split(model)
+  base = nnx.to_pure_dict(state)
+  merged = jax.jit(lambda b, a: lora.merge_into_base(b, a, spec),
+                   out_shardings=jax.tree.map(lambda x: x.sharding, base))(base, adapters)
+  nnx.replace_by_pure_dict(state, merged)
+  return nnx.merge(graphdef, state)

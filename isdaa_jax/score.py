@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from isdaa_jax import atomic_file, cli, defaults, reference_cache, scoring, sharding
 from isdaa_jax import layout as layout_lib
+from isdaa_jax import policy as policy_lib
 from isdaa_jax.data import collate, pipeline, sources
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.errors import MissingFileError, UserError
@@ -77,7 +78,8 @@ def _define_flags():
   config_flags.DEFINE_config_file(
       'config', defaults.__file__, 'Config file whose model (dtypes, attention), data '
       '(tokenization, length buckets, batch size) and mesh sections apply.', lock_config=True)
-  flags.DEFINE_string('model', None, 'Policy: Hugging Face folder or hub id.')
+  flags.DEFINE_string('model', None, 'Policy: Hugging Face folder, .gguf file or hub id (with '
+                      '--config.model.lora.init_from=ADAPTER, that PEFT adapter merged in).')
   flags.DEFINE_string('reference', None, 'Reference: Hugging Face folder or hub id.')
   flags.DEFINE_string('pairs', None, 'Pairs to score (.jsonl, .jsonl.gz, .json, .parquet).')
   flags.DEFINE_string('out', None, 'Output .jsonl file.')
@@ -147,7 +149,7 @@ def run(config, *, model: str, reference: Optional[str], pairs_path: str,
                 batch_size=batch_size or config.data.batch_size,
                 chunk_size=config.model.logprob_chunk_size)
   # One model in memory at a time: the reference loads after the policy is scored and freed.
-  policy_model = hf.load_model(model, config.model, mesh)
+  policy_model = policy_lib.load_model(config.model, model, mesh)
   policy = scoring.score_pairs(policy_model, pairs, mesh, desc='reference' if as_reference else 'policy',
                        **kwargs)
   del policy_model

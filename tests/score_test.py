@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from isdaa_jax import defaults, reference_cache, score, scoring, sharding
+from isdaa_jax import policy as policy_lib
 from isdaa_jax import layout as layout_lib
 from isdaa_jax.data.tokenize import PairTokenizer
 from isdaa_jax.errors import UserError
@@ -245,3 +246,32 @@ def test_out_may_not_be_an_input_and_is_replaced_atomically(tmp_path, monkeypatc
   monkeypatch.undo()
   score.run(_config(), pairs_path=pairs, out_path=str(out), **args)
   assert len(_read_jsonl(out)) == 4 and pathlib.Path(pairs).read_bytes() == before
+
+
+def test_lora_init_from_scores_the_adapted_policy(tmp_path):
+  """--config.model.lora.init_from=ADAPTER scores base + adapter, exactly as scoring the merged
+  checkpoint; the PEFT fixture's adapter (nonzero B) is written over llama_gqa by peft itself."""
+  adapter = FIXTURES / 'lora_gqa'
+  config = _config()
+  config.model.lora.rank, config.model.lora.alpha = 4, 8.0
+  config.model.lora.init_from = str(adapter)
+  mesh = sharding.make_mesh(defaults.get_config().mesh, jax.devices()[:1])
+  merged = policy_lib.load_model(config.model, POLICY, mesh)
+  ref = np.load(adapter / 'reference.npz')
+  ids_BT = jnp.asarray(ref['input_ids'])
+  b, t = ids_BT.shape
+  logits = np.asarray(merged(ids_BT, jnp.tile(jnp.arange(t), (b, 1)), jnp.ones((b, t), jnp.int32))
+                      @ merged.unembedding())
+  np.testing.assert_allclose(logits, ref['logits'], atol=1e-4, rtol=1e-4)  # peft's own logits
+  hf.save_model(merged, str(tmp_path / 'merged'))
+  rows = _id_rows(4, seed=3, max_response=8)
+  with_adapter = score.run(config, pairs_path=_write_jsonl(tmp_path / 'in.jsonl', rows),
+                           out_path=str(tmp_path / 'a.jsonl'), model=POLICY, reference=None,
+                           tokenizer=None, batch_size=4, source='pairs', as_reference=False)
+  assert with_adapter['kept'] == 4
+  of_merged, _ = _run(tmp_path, rows, model=str(tmp_path / 'merged'), batch_size=4)
+  of_base, _ = _run(tmp_path, rows, batch_size=4)
+  for a, m, base in zip(_read_jsonl(tmp_path / 'a.jsonl'), of_merged, of_base):
+    assert a['policy_chosen_logps'] == pytest.approx(m['policy_chosen_logps'], abs=1e-5)
+    assert a['policy_rejected_logps'] == pytest.approx(m['policy_rejected_logps'], abs=1e-5)
+    assert abs(a['policy_chosen_logps'] - base['policy_chosen_logps']) > 1e-3
