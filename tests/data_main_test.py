@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import tokenizer_util
 from configs import hh
 from isdaa_jax.data import __main__ as data_main
+from isdaa_jax.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 HH_FIXTURE = REPO / 'tests' / 'fixtures' / 'data' / 'hh_small.jsonl'
@@ -77,3 +80,27 @@ def test_cli_errors_are_one_sentence(tmp_path):
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith('error: ') and 'config.data.path' in last
   assert 'Traceback' not in result.stderr
+
+
+def test_every_row_dropped_leaves_the_earlier_preview_and_writes_the_counts(tmp_path):
+  config = hh.get_config()
+  rows = [dict(prompt_ids=[1, 5], chosen_ids=[7, 2], rejected_ids=[7, 2]) for _ in range(3)]
+  data_path = tmp_path / 'ids.jsonl'
+  data_path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  config.data.path = str(data_path)
+  out = tmp_path / 'preview.jsonl'
+  out.write_text('{"earlier": true}\n')
+  with pytest.raises(UserError) as e:
+    data_main.dump(config, str(out), limit=0)
+  assert str(e.value) == (
+      f'all 3 rows of {data_path} (train) were dropped: 3 identical_responses; check '
+      f'config.data.source and the rows; nothing written to {out} (the counts are in '
+      f'{tmp_path / "preview.summary.json"})')
+  assert out.read_text() == '{"earlier": true}\n'
+  assert json.loads((tmp_path / 'preview.summary.json').read_text())['dropped'] == {
+      'identical_responses': 3}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ids.jsonl', 'preview.jsonl',
+                                                         'preview.summary.json']
+  with pytest.raises(UserError, match='is config.data.path; write the preview to another file'):
+    data_main.dump(config, str(data_path), limit=0)
+  assert data_path.read_text() == ''.join(json.dumps(r) + '\n' for r in rows)

@@ -20,7 +20,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from isdaa_jax import config as config_lib
+from isdaa_jax import atomic_file, config as config_lib
 from isdaa_jax.data import collate, pipeline, sources, tokenize
 from isdaa_jax.errors import UserError
 
@@ -41,26 +41,34 @@ def _row(ex: pipeline.Example) -> dict:
 
 
 def dump(config, out_path: str, limit: int) -> dict:
-  """Writes the dump and its summary; returns the summary."""
+  """Writes the dump and its summary (each replaced whole, never half-written); returns the
+  summary. When every row is dropped only the summary is written, and the error says why."""
   data = config.data
+  out = pathlib.Path(out_path)
+  if data.path and out.exists() and out.resolve() == pathlib.Path(data.path).resolve():
+    raise UserError(f'--dump {out_path} is config.data.path; write the preview to another file '
+                    '(the input is left untouched)')
   if data.source == 'synthetic':
     rows = sources.synthetic_rows(data.synthetic, config.model.vocab_size, data.shuffle_seed)
   else:
     rows = sources.read_rows(data, data.train_split)
   tok = tokenize.PairTokenizer(data, data.tokenizer or config.model.path)
   stats = pipeline.SplitStats()
-  out = pathlib.Path(out_path)
-  out.parent.mkdir(parents=True, exist_ok=True)
   where = f'{data.path or data.hub_id or data.source} ({data.train_split})'
-  with out.open('w', encoding='utf-8') as f:
+  summary_path = out.with_name(out.name.removesuffix('.jsonl') + '.summary.json')
+  # Streamed into a temporary file that replaces OUT only once every row is written; raising
+  # inside the block leaves an earlier OUT as it was.
+  with atomic_file.replace(out) as f:
     for ex in pipeline.examples(rows, data.source, tok, where, limit, stats):
       if ex.pair is not None:
         f.write(json.dumps(_row(ex), ensure_ascii=False) + '\n')
-  summary = dict(kept=stats.kept, dropped=dict(sorted(stats.dropped.items())), rows=stats.rows,
-                 truncated=dict(sorted(stats.truncated.items())), source=data.source,
-                 split=data.train_split)
-  summary_path = out.with_name(out.name.removesuffix('.jsonl') + '.summary.json')
-  summary_path.write_text(json.dumps(summary, indent=2) + '\n', encoding='utf-8')
+    summary = dict(kept=stats.kept, dropped=dict(sorted(stats.dropped.items())),
+                   rows=stats.rows, truncated=dict(sorted(stats.truncated.items())),
+                   source=data.source, split=data.train_split)
+    atomic_file.write_text(summary_path, json.dumps(summary, indent=2) + '\n')
+    if stats.rows and not stats.kept:
+      raise UserError(f'{pipeline.all_dropped(stats, where)}; nothing written to {out_path} '
+                      f'(the counts are in {summary_path})')
   return summary
 
 

@@ -145,10 +145,15 @@ def _load_split(rows, data, tokenizer, where, limit) -> tuple[PairStore, SplitSt
   kept = [ex.pair for ex in examples(rows, data.source, tokenizer, where, limit, stats)
           if ex.pair is not None]
   if stats.rows and not kept:
-    raise DataSourceError(f'all {stats.rows} rows of {where} were dropped: '
-                          f'{_counts(stats.dropped)}; check config.data.source and the rows '
-                          '(python -m isdaa_jax.data --dump previews what is kept)')
+    raise DataSourceError(all_dropped(stats, where) + ' (python -m isdaa_jax.data --dump '
+                          'previews what is kept)')
   return PairStore(kept), stats
+
+
+def all_dropped(stats: SplitStats, where: str) -> str:
+  """The sentence for a split whose every row was dropped, with the reasons by count."""
+  return (f'all {stats.rows} rows of {where} were dropped: {_counts(stats.dropped)}; check '
+          'config.data.source and the rows')
 
 
 def _counts(counter: Mapping[str, int]) -> str:
