@@ -12,8 +12,8 @@ steps are excluded, then `--steps` steps are timed, each waited for (a step's ti
 collating its batch on the host and sending it to the device). Per variant it reports
 pairs/s; tokens/s counted as TRL does (prompt+chosen plus prompt+rejected, padding excluded);
 the tokens the model actually ran (fewer with prefix sharing); step time; model FLOP/s
-(6N per processed token for the policy's forward+backward, 2N more for an in-step reference, N =
-the parameters that enter matmuls; attention scores not counted); MFU against the best FLOP/s of
+(6N per processed token for the policy's forward+backward, 4N with LoRA, 2N more for an in-step
+reference, N = the parameters that enter matmuls; attention scores not counted); MFU against the best FLOP/s of
 a large matmul in the variant's compute dtype, measured on the same device in the same process
 before and after the steps; peak host memory (getrusage) and XLA's memory plan of the step
 (and the device's peak bytes in use where the platform reports it).
@@ -286,7 +286,8 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   total_s = float(timed.sum())
   trl_tokens, run_tokens = np.asarray(tokens[warmup:]).sum(axis=0)
   n_mm = matmul_params(model_cfg)
-  flops_per_token = throughput.flops_per_token(n_mm, config.train.reference)
+  flops_per_token = throughput.flops_per_token(n_mm, config.train.reference,
+                                                lora=bool(config.model.lora.rank))
   model_flops_s = flops_per_token * run_tokens / total_s
   peak = max(peak_before, peak_after) * jax.device_count()
   return dict(

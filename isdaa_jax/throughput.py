@@ -1,6 +1,6 @@
 """Training throughput: model FLOPs per token, a device's matmul peak, and windowed averages.
 
-  throughput = Throughput(flops_per_token(num_params, config.train.reference),
+  throughput = Throughput(flops_per_token(num_params, config.train.reference, lora),
                           measure_peak_flops() * jax.device_count())
   throughput.add(tokens, seconds)   # per timed step
   metrics.update(throughput.report())   # perf/tokens_per_s, perf/model_flops_per_s, perf/mfu, ...
@@ -12,9 +12,12 @@ import jax
 import jax.numpy as jnp
 
 
-def flops_per_token(num_params: int, reference: str) -> float:
-  """Model FLOPs per real token: 6N for the policy's forward+backward, 2N more for a reference."""
-  return (8.0 if reference == 'model' else 6.0) * num_params
+def flops_per_token(num_params: int, reference: str, lora: bool = False) -> float:
+  """Model FLOPs per real token: 2N forward and 4N backward for the policy (input and weight
+  gradients; 2N with LoRA, whose frozen base gets no weight gradients and whose adapters' share
+  is small), 2N more for a reference forward in the step."""
+  backward = 2.0 if lora else 4.0
+  return (2.0 + backward + (2.0 if reference == 'model' else 0.0)) * num_params
 
 
 _PEAK_CACHE = {}

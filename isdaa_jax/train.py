@@ -434,7 +434,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   writer = MetricsWriter(workdir, config.train.tensorboard)
   peak = config.train.peak_flops_per_device or throughput_lib.measure_peak_flops()
   throughput = throughput_lib.Throughput(throughput_lib.flops_per_token(
-      run_setup.model_cfg.num_params(), config.train.reference), peak * jax.device_count())
+      run_setup.model_cfg.num_params(), config.train.reference, lora=run_setup.step.lora),
+      peak * jax.device_count())
   preemption = Preemption()
   start = int(state.step)
   writer.drop_after(start)  # rows past the restored checkpoint are logged again

@@ -133,6 +133,17 @@ def test_precomputed_reference_matches_in_step_reference():
     assert a['loss'] == pytest.approx(b['loss'], rel=1e-5)
 
 
+def test_model_flops_per_token_count_the_passes():
+  # forward 2N, backward 4N (2N under LoRA: no weight gradients for the frozen base),
+  # reference forward 2N only when it runs in the step.
+  n = 1000
+  assert throughput.flops_per_token(n, 'model') == 8 * n
+  assert throughput.flops_per_token(n, 'precomputed') == 6 * n
+  assert throughput.flops_per_token(n, 'none') == 6 * n
+  assert throughput.flops_per_token(n, 'model', lora=True) == 6 * n
+  assert throughput.flops_per_token(n, 'cached', lora=True) == 4 * n
+
+
 def test_throughput_averages_over_the_window_and_restarts():
   t = throughput.Throughput(flops_per_token=1e6, peak_flops=1e9)
   assert t.report() == {}
