@@ -1,5 +1,7 @@
-"""GGUF -> Hugging Face folder: the SmolLM2 file converted reloads with identical log-probs."""
+"""GGUF -> Hugging Face folder: the SmolLM2 file converted reloads with identical log-probs, and
+transformers reads it as it reads the GGUF (recorded by tests/fixtures/make_gguf_fixtures.py)."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -12,6 +14,8 @@ from isdaa_jax import defaults, sharding
 from isdaa_jax.data import tokenize
 from isdaa_jax.model import convert, hf
 from smollm2_util import REFERENCE, smollm2, token_logps
+
+CONVERTED = REFERENCE.with_name('smollm2_converted_transformers.json')
 
 
 @pytest.mark.slow
@@ -32,6 +36,19 @@ def test_converted_folder_reloads_with_identical_log_probs_and_tokenizer(tmp_pat
     assert tok.encode(str(text), add_special_tokens=False) == row[m > 0].tolist()
   config = hf.read_config(out)
   assert config['eos_token_id'] == original.eos_token_id and config['tie_word_embeddings']
+
+
+def test_transformers_reads_the_converted_folder_as_it_reads_the_gguf():
+  record = json.loads(CONVERTED.read_text())
+  ref = dict(np.load(REFERENCE))
+  # Measured 0: both sides dequantize to the same float32 weights and run the same model.
+  assert record['max_abs_logit_difference'] < 1e-4
+  assert record['positions'] == ref['attention_mask'].sum() and record['max_abs_logit'] > 10
+  # transformers' tokenizer of the converted folder gives the GGUF tokenizer's ids (which ours
+  # gives too: the test above).
+  for row, m, converted in zip(ref['input_ids'], ref['attention_mask'],
+                               record['converted_input_ids']):
+    assert converted == row[m > 0].tolist()
 
 
 def test_command_refuses_a_path_that_is_no_gguf_in_one_sentence(tmp_path):

@@ -18,9 +18,19 @@ def smollm2() -> str:
   return str(next(pathlib.Path(spec.submodule_search_locations[0]).glob('*.gguf')))
 
 
+def _hidden(model, ids_BT, mask_BT):
+  positions = np.where(mask_BT > 0, np.arange(ids_BT.shape[1]), 0)
+  return model(jnp.asarray(ids_BT), jnp.asarray(positions, jnp.int32), jnp.asarray(mask_BT))
+
+
 def token_logps(model, ids_BT, mask_BT):
   """log p of token t+1 at position t [B, T-1] of right-padded rows."""
-  positions = np.where(mask_BT > 0, np.arange(ids_BT.shape[1]), 0)
-  hidden = model(jnp.asarray(ids_BT), jnp.asarray(positions, jnp.int32), jnp.asarray(mask_BT))
-  return np.asarray(logprobs.token_logps(hidden[:, :-1], model.unembedding(),
-                                         jnp.asarray(ids_BT[:, 1:]), chunk_size=0))
+  return np.asarray(logprobs.token_logps(_hidden(model, ids_BT, mask_BT)[:, :-1],
+                                         model.unembedding(), jnp.asarray(ids_BT[:, 1:]),
+                                         chunk_size=0))
+
+
+def logits(model, ids_BT, mask_BT):
+  """Next-token logits [B, T, V] (float32) of right-padded rows."""
+  hidden_BTD = _hidden(model, ids_BT, mask_BT).astype(jnp.float32)
+  return np.asarray(hidden_BTD @ model.unembedding().astype(jnp.float32))
