@@ -278,20 +278,39 @@ def load_start(config, run_setup: Setup):
   return params, reference_lib.build(config, mesh, params, run_setup.params_sharding), params
 
 
-def export(run_setup: Setup, params, frozen, workdir, base_name: str = ''):
-  """The policy as a Hugging Face folder WORKDIR/hf; with LoRA the adapters merged into the base
+def export(run_setup: Setup, params, frozen, workdir, base_name: str = '', tokenizer: str = ''):
+  """The policy as a Hugging Face folder WORKDIR/hf, with `tokenizer`'s files, chat template and
+  bos/eos/pad ids when one is named (a GGUF's too); with LoRA the adapters merged into the base
   there, and the adapter alone in PEFT format in WORKDIR/adapter."""
   from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(workdir)
+  out = pathlib.Path(workdir) / 'hf'
+  tok = _export_tokenizer(tokenizer, out) if tokenizer else None
+  ids = {} if tok is None else {
+      f'{k}_token_id': getattr(tok, f'{k}_token_id') for k in ('bos', 'eos', 'pad')
+      if getattr(tok, f'{k}_token_id') is not None}
   if not run_setup.step.lora:
-    hf.save_model(nnx.merge(run_setup.graphdef, params), workdir / 'hf')
+    hf.save_model(nnx.merge(run_setup.graphdef, params), out, extra_config=ids)
     return
   from isdaa_jax.model import peft  # pylint: disable=g-import-not-at-top
   spec = run_setup.model_cfg.lora
   merged = jax.jit(lambda b, a: lora_lib.merge_into_base(b, a, spec),
                    out_shardings=run_setup.base_sharding)(frozen, params)
-  hf.save_model(nnx.merge(run_setup.base_graphdef, merged), workdir / 'hf')
-  peft.save_adapter(params, run_setup.model_cfg, workdir / 'adapter', base_name=base_name)
+  hf.save_model(nnx.merge(run_setup.base_graphdef, merged), out, extra_config=ids)
+  peft.save_adapter(params, run_setup.model_cfg, out.parent / 'adapter', base_name=base_name)
+
+
+def _export_tokenizer(name: str, out_dir: pathlib.Path):
+  """The run's tokenizer, saved beside the exported weights by process 0, or None: one that
+  cannot be read now (it was read at start-up) costs a warning, never the trained weights."""
+  from isdaa_jax.data import tokenize  # pylint: disable=g-import-not-at-top
+  try:
+    tok = tokenize.load_tokenizer(name)
+  except tokenize.TokenizerError as e:
+    logging.warning('the export in %s has no tokenizer files: %s', out_dir, e)
+    return None
+  if jax.process_index() == 0:
+    tok.save_pretrained(str(out_dir))
+  return tok
 
 
 def describe_nonfinite(metrics: dict) -> Optional[str]:
@@ -480,7 +499,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
         if evaluate_now:
           scalars = _evaluate(run_setup, state.params, reference, eval_batches(),
                               config.train.eval_batches)
-          writer.write(step, scalars)
+          if scalars:  # no eval split: nothing to log
+            writer.write(step, scalars)
           eval_loss = scalars.get('eval/loss')
         run_hooks(step)
         if save_now or preemption.raised:
@@ -500,6 +520,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
     bar.close()
     writer.close()
   if config.checkpoint.export_hf and not preemption.raised:  # every process joins the gathers
-    export(run_setup, state.params, reference, workdir, config.model.path)
+    export(run_setup, state.params, reference, workdir, config.model.path,
+           tokenizer=config.data.tokenizer or config.model.path)
   checkpointer.close()
   return state

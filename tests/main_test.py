@@ -234,3 +234,31 @@ def test_describe_norm_blowup_thresholds():
       'config.train.max_param_norm_ratio=100)')
   for off in (0.0, float('inf')):
     assert train.describe_norm_blowup(1e30, 1.0, off) is None
+
+
+def test_export_is_a_whole_hf_folder_and_no_eval_split_logs_no_eval_rows(tmp_path):
+  import tokenizer_util  # pylint: disable=import-outside-toplevel
+  from isdaa_jax.data import tokenize  # pylint: disable=import-outside-toplevel
+  tok_dir = tokenizer_util.build_tokenizer(tmp_path / 'tok', chat_template=True)
+  cfg = _quiet_tiny(2)
+  cfg.checkpoint.export_hf = True
+  cfg.model.vocab_size = 384
+  d = cfg.data
+  d.source, d.tokenizer = 'hh', tok_dir
+  d.path = str(REPO / 'tests' / 'fixtures' / 'data' / 'hh_small.jsonl')
+  d.eval_holdout = 0  # a single file and no holdout: there is no eval split
+  cfg.train.eval_every = 1
+  train.run(cfg, tmp_path / 'run')
+  rows = read_metrics(tmp_path / 'run')
+  assert all(len(r) > 1 for r in rows), [r for r in rows if len(r) <= 1]
+  assert not any(k.startswith('eval/') for r in rows for k in r)
+  hf_dir = tmp_path / 'run' / 'hf'
+  exported = tokenize.load_tokenizer(str(hf_dir))
+  source = tokenize.load_tokenizer(tok_dir)
+  text = 'Human: hello there\n\nAssistant: hi'
+  assert exported(text)['input_ids'] == source(text)['input_ids']
+  assert exported.chat_template == source.chat_template and exported.chat_template
+  config = json.loads((hf_dir / 'config.json').read_text())
+  assert (config['bos_token_id'], config['eos_token_id']) == (source.bos_token_id,
+                                                               source.eos_token_id)
+  assert config['architectures'] == ['LlamaForCausalLM']
