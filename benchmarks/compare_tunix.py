@@ -1,0 +1,237 @@
+"""isdaa-jax against Google Tunix's DPOTrainer: SmolLM2-135M-Instruct, real HH-RLHF pairs.
+
+  python benchmarks/compare_tunix.py [--steps=4 --warmup=1] [--venv=~/.cache/isdaa-jax/tunix-venv]
+
+The workload is compare_trl's `--model=smollm2` one (benchmarks/real_workload.py): the SmolLM2
+GGUF converted once into a Hugging Face folder, the first 64 HH-RLHF harmless-base test pairs
+tokenized once (max length 256), batch 8, DPO sigmoid loss with beta 0.1, AdamW at a constant
+learning rate with gradient clipping at 1.0, float32.
+
+Tunix runs first, in a virtual environment of its own created on first use (`google-tunix`
+with the jax/flax pair isdaa-jax uses), driven by a generated script in a subprocess: its
+`tunix.models.llama3` model loads the folder's safetensors (a ModelConfig built from its
+config.json: plain RoPE, tied embeddings), and `tunix.sft.dpo.DPOTrainer` trains it with the
+frozen reference model on the very same token ids, given as its `TrainingInput` (prompts
+left-padded to the longest prompt, responses right-padded to the longest response, one shape for
+every batch). isdaa-jax then runs the same pairs in a process per variant (compare_trl's
+variants). Only the last `steps` steps are timed on both sides; both sync on the loss every step.
+
+The last output line is one JSON object: `tunix_pairs_per_s`, `isdaa_pairs_per_s`, `ratio`,
+`isdaa_fast_pairs_per_s`, `fast_ratio`, each side's peak RSS, compile times, matmul rates and
+first-step losses (log 2 each).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+# Run as a script, this file's folder is on sys.path: its neighbours are importable.
+import compare_trl
+import real_workload
+import train_step
+
+_TUNIX_DRIVER = textwrap.dedent('''\
+    import json, resource, sys, time
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import tunix
+    from tunix.models.llama3 import model as llama_lib, params as llama_params
+    from tunix.sft import hooks
+    from tunix.sft.dpo import dpo_trainer
+
+    spec = json.load(open(sys.argv[1]))
+    hf = json.load(open(spec['model_dir'] + '/config.json'))
+    cfg = llama_lib.ModelConfig(
+        num_layers=hf['num_hidden_layers'], vocab_size=hf['vocab_size'],
+        embed_dim=hf['hidden_size'], hidden_dim=hf['intermediate_size'],
+        num_heads=hf['num_attention_heads'], head_dim=hf['head_dim'],
+        num_kv_heads=hf['num_key_value_heads'],
+        rope_theta=hf.get('rope_theta') or hf['rope_parameters']['rope_theta'],
+        norm_eps=hf['rms_norm_eps'], weight_tying=hf['tie_word_embeddings'])
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((1, 1), ('fsdp', 'tp'), axis_types=(auto, auto))
+
+    def load():
+        return llama_params.create_model_from_safe_tensors(spec['model_dir'], cfg, mesh,
+                                                           dtype=jnp.float32)
+
+    pairs, pad = spec['pairs'], spec['pad_id']
+    P = max(len(p['prompt_ids']) for p in pairs)
+    R = max(max(len(p['chosen_ids']), len(p['rejected_ids'])) for p in pairs)
+
+    def left(rows, n):
+        ids = np.full((len(rows), n), pad, np.int32)
+        mask = np.zeros((len(rows), n), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, n - len(r):], mask[i, n - len(r):] = r, 1
+        return ids, mask
+
+    def right(rows, n):
+        ids = np.full((len(rows), n), pad, np.int32)
+        mask = np.zeros((len(rows), n), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = r, 1
+        return ids, mask
+
+    def batches():
+        b = spec['batch_size']
+        for step in range(spec['warmup'] + spec['steps']):
+            start = step * b % len(pairs)
+            chunk = pairs[start:start + b]
+            prompt_ids, prompt_mask = left([p['prompt_ids'] for p in chunk], P)
+            chosen_ids, chosen_mask = right([p['chosen_ids'] for p in chunk], R)
+            rejected_ids, rejected_mask = right([p['rejected_ids'] for p in chunk], R)
+            yield dpo_trainer.TrainingInput(
+                prompt_ids=prompt_ids, prompt_mask=prompt_mask, chosen_ids=chosen_ids,
+                chosen_mask=chosen_mask, rejected_ids=rejected_ids,
+                rejected_mask=rejected_mask)
+
+    class Timer(hooks.TrainingHooks):
+        def __init__(self):
+            self.ends, self.losses = [], []
+        def on_train_start(self, ctx): pass
+        def on_train_end(self, ctx): pass
+        def on_train_step_start(self, ctx): pass
+        def on_train_step_end(self, ctx, train_step, train_loss):
+            # Called after the step's metrics were pulled from the device.
+            self.losses.append(float(train_loss))
+            self.ends.append(time.perf_counter())
+        def on_eval_step_start(self, ctx): pass
+        def on_eval_step_end(self, ctx, eval_loss): pass
+
+    def matmul_peak(n=2048, reps=5):
+        x = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda a: a @ a)
+        f(x).block_until_ready()
+        best = float('inf')
+        for _ in range(reps):
+            start = time.perf_counter()
+            f(x).block_until_ready()
+            best = min(best, time.perf_counter() - start)
+        return 2 * n ** 3 / best
+
+    peak_before = matmul_peak()
+    with mesh:
+        policy, reference = load(), load()
+        optimizer = optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(spec['learning_rate'], b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0))
+        config = dpo_trainer.DPOTrainingConfig(
+            eval_every_n_steps=10 ** 9, max_steps=spec['warmup'] + spec['steps'],
+            beta=spec['beta'], label_smoothing=0.0, pbar_description=None)
+        trainer = dpo_trainer.DPOTrainer(policy, reference, optimizer, config)
+        timer = Timer()
+        trainer.with_training_hooks(timer)
+        start = time.perf_counter()
+        trainer.train(batches())
+    ends = [start] + timer.ends
+    w, n = spec['warmup'], spec['steps']
+    out = dict(tunix=getattr(tunix, '__version__', 'unknown'), jax=jax.__version__,
+               seconds=ends[w + n] - ends[w],
+               step_seconds=[b - a for a, b in zip(ends, ends[1:])], losses=timer.losses,
+               first_step_s=ends[1] - ends[0], prompt_length=P, response_length=R,
+               peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               peak_flops_before_after=[peak_before, matmul_peak()])
+    print(json.dumps(out))
+''')
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--steps', type=int, default=4, help='timed steps, the same on both sides')
+  p.add_argument('--warmup', type=int, default=1, help='untimed first steps on both sides')
+  real_workload.add_flags(p)
+  p.add_argument('--venv', default='~/.cache/isdaa-jax/tunix-venv',
+                 help="Tunix's virtual environment (created when absent)")
+  p.add_argument('--tunix', default='google-tunix==0.1.7', help='pip requirement for Tunix')
+  p.add_argument('--jax', default='jax==0.10.2 flax==0.12.8',
+                 help="pip requirements pinning Tunix's jax and flax (isdaa-jax's pair)")
+  p.add_argument('--variants', default='isdaa,isdaa_precomputed,isdaa_fast',
+                 help="isdaa-jax runs, from compare_trl's smollm2 variants")
+  return p.parse_args(argv)
+
+
+def run_tunix(python: pathlib.Path, pairs, model_dir: pathlib.Path, workdir: pathlib.Path,
+              args) -> dict:
+  pad_id = json.loads((model_dir / 'config.json').read_text())['pad_token_id']
+  spec = dict(model_dir=str(model_dir), pairs=pairs, pad_id=pad_id,
+              batch_size=compare_trl.BATCH, beta=compare_trl.BETA,
+              learning_rate=compare_trl.LEARNING_RATE, warmup=args.warmup, steps=args.steps)
+  (workdir / 'tunix_spec.json').write_text(json.dumps(spec))
+  (workdir / 'tunix_driver.py').write_text(_TUNIX_DRIVER)
+  # The driver must not see this process's packages (isdaa-jax's own jax would shadow Tunix's).
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+  env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2', PYTHONWARNINGS='ignore')
+  proc = subprocess.run([str(python), str(workdir / 'tunix_driver.py'),
+                         str(workdir / 'tunix_spec.json')], capture_output=True, text=True,
+                        env=env, cwd=workdir)
+  if proc.returncode:
+    raise SystemExit('the Tunix run failed:\n' + '\n'.join(proc.stderr.splitlines()[-30:]))
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  model_dir = real_workload.ensure_model_dir(args.model_dir)
+  pairs = real_workload.hh_pairs(model_dir, args.hh_file, compare_trl.NUM_PAIRS,
+                                 real_workload.MAX_LENGTH)
+  python = compare_trl.ensure_venv(pathlib.Path(args.venv).expanduser(),
+                                   [args.tunix, *args.jax.split()], 'tunix.sft.dpo.dpo_trainer',
+                                   'Tunix')
+  variants = compare_trl.isdaa_variants(real=True)
+  names = [v for v in args.variants.split(',') if v]
+  unknown = [v for v in names if v not in variants]
+  if unknown or 'isdaa' not in names:
+    raise SystemExit(f'--variants must include isdaa and name only {", ".join(variants)}')
+  with tempfile.TemporaryDirectory(prefix='compare_tunix_') as tmp:
+    workdir = pathlib.Path(tmp)
+    compare_trl.log('Tunix DPOTrainer ...')
+    tunix = run_tunix(python, pairs, model_dir, workdir, args)
+    print(json.dumps(dict(tunix=tunix)), flush=True)
+    spec = dict(real=True, model_dir=str(model_dir), hh_file=args.hh_file, pairs=pairs,
+                seq_len=real_workload.MAX_LENGTH, buckets=(real_workload.MAX_LENGTH,),
+                steps=args.steps, warmup=args.warmup)
+    results = {}
+    for name in names:
+      compare_trl.log(f'{name} {variants[name]} ...')
+      results[name] = compare_trl.run_isdaa(name, variants[name], spec, workdir)
+      print(json.dumps(results[name]), flush=True)
+
+  timed_pairs = compare_trl.BATCH * args.steps
+  tunix_pairs_s = timed_pairs / tunix['seconds']
+  tunix_peak = max(tunix['peak_flops_before_after'])
+  isdaa = results['isdaa']
+  pair_tokens = sum(train_step.pair_tokens(p) for p in pairs) / len(pairs)
+  summary = dict(
+      model='smollm2',
+      tunix_pairs_per_s=tunix_pairs_s,
+      isdaa_pairs_per_s=isdaa['pairs_per_s'],
+      ratio=isdaa['pairs_per_s'] / tunix_pairs_s,
+      tunix_best_step_pairs_per_s=compare_trl.BATCH / min(tunix['step_seconds'][args.warmup:]),
+      best_step_ratio=min(tunix['step_seconds'][args.warmup:]) / isdaa['step_s_min'],
+      tunix_tokens_per_s=timed_pairs * pair_tokens / tunix['seconds'],
+      isdaa_tokens_per_s=isdaa['tokens_per_s'],
+      tunix_row_length=tunix['prompt_length'] + tunix['response_length'],
+      tunix_first_step_s=tunix['first_step_s'],
+      tunix_peak_rss_bytes=tunix['peak_rss_bytes'],
+      tunix_matmul_flops_per_s=tunix_peak,
+      isdaa_matmul_flops_per_s=max(isdaa['peak_flops_before_after']),
+      ratio_per_matmul_peak=isdaa['pairs_per_s'] / max(isdaa['peak_flops_before_after'])
+      / (tunix_pairs_s / tunix_peak),
+      isdaa_peak_rss_bytes={n: r['host_peak_rss_bytes'] for n, r in results.items()},
+      isdaa_compile_s={n: r['compile_s'] for n, r in results.items()},
+      isdaa_pairs_per_s_by_variant={n: r['pairs_per_s'] for n, r in results.items()},
+      ratio_by_variant={n: r['pairs_per_s'] / tunix_pairs_s for n, r in results.items()},
+      first_loss=dict(tunix=tunix['losses'][0], isdaa=isdaa['losses'][0]),
+      steps=args.steps, warmup=args.warmup,
+      versions=dict(tunix=tunix['tunix'], jax=tunix['jax']),
+  )
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == '__main__':
+  main()
