@@ -50,12 +50,13 @@ def result_path(results_dir, model, slice_name, reference, lora_rank) -> pathlib
   return pathlib.Path(results_dir) / f'plan_{model}_{slice_name}_{reference}{lora_part}.json'
 
 
-def _gib(x) -> str:
-  return f'{x / tpu_chips.GiB:.1f}'
+def _gib(x, digits: int = 1) -> str:
+  return f'{x / tpu_chips.GiB:.{digits}f}'
 
 
 def markdown(rows) -> str:
-  """The table: per-chip GiB, roofline pairs/s, compile seconds, collective GiB per chip."""
+  """The table: per-chip GiB, roofline pairs/s, compile seconds, collective GiB per chip (result
+  bytes, a loop body once: with scan_layers one layer's, plus what is outside the loop)."""
   lines = ['| model | slice | reference | LoRA | pairs | HBM/chip used (GiB) | fits | params+opt '
            '| XLA temp | roofline pairs/s | all-gather | all-reduce | reduce-scatter | compile s |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
@@ -66,8 +67,8 @@ def markdown(rows) -> str:
         f"| {('r' + str(r['lora_rank'])) if r['lora_rank'] else '-'} | {r['batch_size']} "
         f"| {_gib(c['total'])} of {_gib(r['hbm_bytes_per_chip'])} "
         f"| {'yes' if r['fits'] else 'no'} | {_gib(c['params'] + c['optimizer'])} "
-        f"| {_gib(c['temp'])} | {r['roofline_pairs_per_s']:.1f} | {_gib(b['all-gather'])} "
-        f"| {_gib(b['all-reduce'])} | {_gib(b['reduce-scatter'])} | {r['compile_s']:.0f} |")
+        f"| {_gib(c['temp'])} | {r['roofline_pairs_per_s']:.1f} | {_gib(b['all-gather'], 2)} "
+        f"| {_gib(b['all-reduce'], 2)} | {_gib(b['reduce-scatter'], 2)} | {r['compile_s']:.0f} |")
   return '\n'.join(lines)
 
 

@@ -121,9 +121,10 @@ def test_single_host_shards_params_and_batch(single):
 
 
 def test_fsdp_reduce_scatters_gradients_of_large_matrices():
-  """With matrices of 0.5 MiB and up XLA reduce-scatters each gradient to its fsdp shard (libtpu
-  writes it as an all-reduce-scatter fusion): one shard's bytes of every matrix, and only the
-  norm scales' gradients and scalars stay all-reduced."""
+  """At hidden size 1024 XLA reduce-scatters every matrix's gradient to its fsdp shard (libtpu
+  writes it as an all-reduce-scatter fusion): one shard's bytes of each, and only the norm
+  scales' gradients and scalars stay all-reduced. (At hidden 32-256 it all-reduces the smaller
+  ones instead, combined into one op.)"""
   config = _tiny(model__hidden_size=1024, model__intermediate_size=2048, model__vocab_size=2048,
                  model__head_dim=64, model__num_layers=1)
   got = plan.compile_plan(config, tpu_chips.parse('v5p:2x2x1'))
