@@ -43,6 +43,12 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16
 _OP_RE = re.compile(r'=\s*(\(.*?\)|[a-z0-9]+\[[0-9,]*\]\S*)\s+(' + '|'.join(COLLECTIVES)
                     + r')(-done)?\(')
 _SHAPE_RE = re.compile(r'\b([a-z]+[0-9]*)\[([0-9,]*)\]')
+# A computation's header, `%name (params) -> result {`.
+_COMPUTATION_RE = re.compile(r'^(?:ENTRY\s+)?%(\S+)\s+\(.*\)\s+->\s+(.*)\s+\{$')
+# libtpu emits a reduce-scatter as a custom fusion of this name whose body is an all-reduce of
+# the full array and a dynamic-slice of the device's shard (the emitter runs it as one
+# reduce-scatter); its all-reduce counts as a reduce-scatter of the fusion's result.
+_REDUCE_SCATTER_FUSION = 'all-reduce-scatter'
 
 
 class PlanError(UserError):
@@ -93,13 +99,27 @@ def _device_bytes(tree) -> int:
              for a in jax.tree.leaves(tree))
 
 
+def _shape_bytes(text: str) -> int:
+  return sum(math.prod(int(x) for x in dims.split(',') if x) * _DTYPE_BYTES.get(dtype, 4)
+             for dtype, dims in _SHAPE_RE.findall(text))
+
+
 def collective_bytes(hlo_text: str) -> dict:
   """Result bytes per device of each collective kind in compiled HLO text (a loop body once)."""
   out = dict.fromkeys(COLLECTIVES, 0)
-  for result, kind, _ in _OP_RE.findall(hlo_text):
-    for dtype, dims in _SHAPE_RE.findall(result):
-      size = math.prod(int(x) for x in dims.split(',') if x)
-      out[kind] += size * _DTYPE_BYTES.get(dtype, 4)
+  scatter_result = None  # the result bytes of the all-reduce-scatter fusion being read
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION_RE.match(line)
+    if header:
+      name, result = header.groups()
+      scatter_result = (_shape_bytes(result) if name.startswith(_REDUCE_SCATTER_FUSION)
+                        else None)
+      continue
+    for result, kind, _ in _OP_RE.findall(line):
+      if kind == 'all-reduce' and scatter_result is not None:
+        out['reduce-scatter'] += scatter_result
+      else:
+        out[kind] += _shape_bytes(result)
   return out
 
 

@@ -74,14 +74,23 @@ def test_missing_libtpu_says_how_to_install(monkeypatch):
 
 def test_collective_bytes_from_hlo_text():
   hlo = '\n'.join([
+      '%all-reduce-scatter.3 (input.3: f32[256,512]) -> f32[64,512] {',
+      '  %input.3 = f32[256,512]{1,0} parameter(0)',
+      '  %all-reduce.9 = f32[256,512]{1,0} all-reduce(%input.3), to_apply=%add.1',
+      '  ROOT %dynamic-slice.2 = f32[64,512]{1,0} dynamic-slice(%all-reduce.9, %i, %z)',
+      '}',
+      'ENTRY %main.1 (p.1: f32[4,1024]) -> (f32[8]) {',
       '  %all-gather.1 = bf16[4,1024]{1,0} all-gather(%p), dimensions={0}',
       '  %ar = (f32[8]{0}, s32[2,2]{1,0}) all-reduce(%a, %b), to_apply=%add',
       '  %cp-start = (f32[16]{0}, f32[16]{0}) collective-permute-start(%x)',
       '  %cp-done = f32[16]{0} collective-permute-done(%cp-start)',
-      '  %fusion = f32[16]{0} fusion(%all-gather.1)'])
+      '  %fusion = f32[16]{0} fusion(%all-gather.1)',
+      '  %rs = f32[64,512]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.3',
+      '}'])
   got = plan.collective_bytes(hlo)
-  assert got == {'all-gather': 4 * 1024 * 2, 'reduce-scatter': 0, 'all-reduce': 8 * 4 + 4 * 4,
-                 'all-to-all': 0, 'collective-permute': 16 * 4}
+  # The all-reduce inside libtpu's all-reduce-scatter fusion is the shard's reduce-scatter.
+  assert got == {'all-gather': 4 * 1024 * 2, 'reduce-scatter': 64 * 512 * 4,
+                 'all-reduce': 8 * 4 + 4 * 4, 'all-to-all': 0, 'collective-permute': 16 * 4}
 
 
 def test_single_host_shards_params_and_batch(single):
@@ -103,12 +112,45 @@ def test_single_host_shards_params_and_batch(single):
   assert single['roofline_step_s'] == max(single['roofline_compute_s'],
                                           single['roofline_memory_s'])
   assert math.isclose(single['roofline_pairs_per_s'], 8 / single['roofline_step_s'])
-  # FSDP: the weights are gathered for each device's own rows. Only gradients (plus the
-  # embedding's scatter-add and scalars) are all-reduced: 1.14x the full parameter bytes here;
-  # before `llama.rows_over_data` XLA kept the weights in place and all-reduced replicated
-  # activations, 37x the parameter bytes on this tiny model.
+  # FSDP: the weights are gathered for each device's own rows. At this size XLA all-reduces
+  # the gradients (one combined all-reduce; plus the embedding's scatter-add and scalars):
+  # 1.14x the full parameter bytes here; before `llama.rows_over_data` XLA kept the weights in
+  # place and all-reduced replicated activations, 37x the parameter bytes on this tiny model.
   assert single['collective_bytes_per_chip']['all-reduce'] <= 1.25 * 4 * c['params']
   assert single['collective_bytes_per_chip']['all-gather'] >= 4 * c['params']
+
+
+def test_fsdp_reduce_scatters_gradients_of_large_matrices():
+  """At hidden size 1024 XLA reduce-scatters every matrix's gradient to its fsdp shard (libtpu
+  writes it as an all-reduce-scatter fusion): one shard's bytes of each, and only the norm
+  scales' gradients and scalars stay all-reduced. (At hidden 32-256 it all-reduces the smaller
+  ones instead, combined into one op.)"""
+  config = _tiny(model__hidden_size=1024, model__intermediate_size=2048, model__vocab_size=2048,
+                 model__head_dim=64, model__num_layers=1)
+  got = plan.compile_plan(config, tpu_chips.parse('v5p:2x2x1'))
+  b = got['collective_bytes_per_chip']
+  norms = 4 * 1024 * (2 * 1 + 1)  # float32 [hidden] scales: two per layer and the final one
+  assert b['reduce-scatter'] == (_param_bytes(config) - norms) / 4
+  assert norms <= b['all-reduce'] < norms + 4096
+
+
+def test_find_batch_returns_the_largest_micro_batch_that_fits(single, monkeypatch):
+  # A budget of exactly the 2-pair-per-device step (the fixture's): 2 fits, 3 does not.
+  budget = single['per_chip_bytes']['total']
+  tried = {}
+  compile_plan = plan.compile_plan
+
+  def recording(config, slice_, hbm_bytes=0):
+    got = compile_plan(config, slice_, hbm_bytes)
+    tried[got['per_device_micro_batch']] = got['fits']
+    return got
+
+  monkeypatch.setattr(plan, 'compile_plan', recording)
+  best, got = plan.find_batch(_tiny(), tpu_chips.parse('v5p:2x2x1'), hbm_bytes=budget)
+  # Doubling 1, 2, 4, then bisecting 3: what fits is exactly what is at most the answer.
+  assert best == 2 and tried == {1: True, 2: True, 4: False, 3: False}
+  assert got['fits'] and got['per_device_micro_batch'] == 2 and got['batch_size'] == 8
+  assert got['per_chip_bytes']['total'] == budget
 
 
 def test_multi_host_topology_compiles_in_one_process(multi):
