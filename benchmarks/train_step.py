@@ -13,8 +13,8 @@ collating its batch on the host and sending it to the device). Per variant it re
 pairs/s; tokens/s counted as TRL does (prompt+chosen plus prompt+rejected, padding excluded);
 the tokens the model actually ran (fewer with prefix sharing); step time; model FLOP/s
 (6N per processed token for the policy's forward+backward, 4N with LoRA, 2N more for an in-step
-reference, N = the parameters that enter matmuls; attention scores not counted); MFU against the best FLOP/s of
-a large matmul in the variant's compute dtype, measured on the same device in the same process
+reference, N = the parameters that enter matmuls; attention scores not counted); MFU against the
+best FLOP/s of a large matmul in the variant's compute dtype, measured on the same device in the same process
 before and after the steps; peak host memory (getrusage) and XLA's memory plan of the step
 (and the device's peak bytes in use where the platform reports it).
 """

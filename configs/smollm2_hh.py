@@ -19,8 +19,8 @@ float32, every block rematerialized:
 (without --config.data.path the split is downloaded from the hub, Anthropic/hh-rlhf; with it
 there is no eval split.) Produces in the workdir: metrics.jsonl, reference_logps/ (the cache),
 checkpoints, TensorBoard events and the trained policy under hf/ (config.json,
-model.safetensors and the GGUF's tokenizer with its chat template). Measured (2026-12-03, a 2-core machine
-shared with other jobs, load average 8.5-9.4): 13 min 50 s wall (pre-pass 1 min 22 s, then
+model.safetensors and the GGUF's tokenizer with its chat template). Measured (2026-12-03, a
+2-core machine shared with other jobs, load average 8.5-9.4): 13 min 50 s wall (pre-pass 1 min 22 s, then
 25-60 s a step), peak RSS 4.5 GB. Steps 1-2 have loss log 2 = 0.6931 and is/weight_mean 1 (the
 first update has learning rate 0: warm-up); over the first epoch the pairs are new and
 rewards/accuracies stay near chance (0.12-0.62, margins ~0); over the second, on pairs already

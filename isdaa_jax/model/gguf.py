@@ -3,8 +3,9 @@
 Finding the file, its metadata and its tokenizer are `isdaa_jax.gguf_file` (no model code there,
 so the data pipeline reads them too). Tensors are dequantized with the `gguf` package (any type
 it supports) and mapped to their Hugging Face names and layouts, then loaded through `hf`'s
-sharded loader, so a GGUF model sits on the same shardings as a safetensors one. llama.cpp's converter permutes the rows of the Q and K
-projections for its RoPE layout; `_unpermute` undoes that.
+sharded loader, so a GGUF model sits on the same shardings as a safetensors one. llama.cpp's
+converter permutes the rows of the Q and K projections for its RoPE layout; `_unpermute` undoes
+that.
 """
 
 import pathlib
@@ -55,7 +56,8 @@ def hf_dict(reader, where: str) -> dict:
 
 def load_config(path: pathlib.Path, model_config=None) -> LlamaConfig:
   """The file's architecture as a LlamaConfig, from metadata only (tensors are not read)."""
-  return hf_config.from_hf_dict(hf_dict(gguf_file.reader(path), str(path)), model_config, where=str(path))
+  return hf_config.from_hf_dict(hf_dict(gguf_file.reader(path), str(path)), model_config,
+                                where=str(path))
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -107,7 +109,8 @@ class Tensors:
     if name not in self._cache:
       t = self._by_hf[name]
       shape = tuple(int(n) for n in reversed(t.shape))
-      w = gguf_file.package().quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+      w = gguf_file.package().quants.dequantize(t.data, t.tensor_type)
+      w = w.astype(np.float32).reshape(shape)
       if name.endswith('q_proj.weight'):
         w = _unpermute(w, self._hf['num_attention_heads'])
       elif name.endswith('k_proj.weight'):
