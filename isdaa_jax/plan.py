@@ -31,8 +31,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from isdaa_jax import reference as reference_lib
-from isdaa_jax import sharding, tpu_chips, train
+from isdaa_jax import sharding, throughput, tpu_chips, train
 from isdaa_jax.errors import UserError
 from isdaa_jax.model.llama import Llama
 
@@ -150,11 +149,8 @@ def model_flops(model_cfg, step_mode: str, rows: int, row_len: int) -> float:
   in-step reference; attention scores as XLA computes them (the full T x T, masked half included)."""
   tokens = rows * row_len
   attn_fwd = 4 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.head_dim * row_len
-  # Forward-equivalents: the forward, a backward of two (input and weight gradients; with LoRA
-  # only the input half, the frozen base's weights get none and the adapters' share is small),
-  # and a reference forward when it runs in the step (with LoRA: the base, adapters off).
-  backward = 1 if model_cfg.lora is not None else 2
-  passes = 1 + backward + (1 if reference_lib.in_step(step_mode) else 0)
+  # With LoRA the reference forward in the step is the base, adapters off.
+  passes = throughput.forward_equivalents(step_mode, lora=model_cfg.lora is not None)
   return passes * (2 * model_cfg.num_params() + attn_fwd) * tokens
 
 

@@ -12,12 +12,17 @@ import jax
 import jax.numpy as jnp
 
 
+def forward_equivalents(reference: str, lora: bool = False) -> int:
+  """A step's work per token in forward passes: the policy's forward, a backward of two (input
+  and weight gradients; with LoRA only the input half, the frozen base gets no weight gradients
+  and the adapters' share is small), and a reference forward when it runs in the step."""
+  return 1 + (1 if lora else 2) + (1 if reference == 'model' else 0)
+
+
 def flops_per_token(num_params: int, reference: str, lora: bool = False) -> float:
-  """Model FLOPs per real token: 2N forward and 4N backward for the policy (input and weight
-  gradients; 2N with LoRA, whose frozen base gets no weight gradients and whose adapters' share
-  is small), 2N more for a reference forward in the step."""
-  backward = 2.0 if lora else 4.0
-  return (2.0 + backward + (2.0 if reference == 'model' else 0.0)) * num_params
+  """Model FLOPs per real token: 2N per forward-pass equivalent (6N, 8N with a reference in the
+  step, 2N less with LoRA)."""
+  return 2.0 * forward_equivalents(reference, lora) * num_params
 
 
 _PEAK_CACHE = {}

@@ -285,9 +285,7 @@ def export(run_setup: Setup, params, frozen, workdir, base_name: str = '', token
   from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
   out = pathlib.Path(workdir) / 'hf'
   tok = _export_tokenizer(tokenizer, out) if tokenizer else None
-  ids = {} if tok is None else {
-      f'{k}_token_id': getattr(tok, f'{k}_token_id') for k in ('bos', 'eos', 'pad')
-      if getattr(tok, f'{k}_token_id') is not None}
+  ids = {} if tok is None else hf.token_id_fields(tok)
   if not run_setup.step.lora:
     hf.save_model(nnx.merge(run_setup.graphdef, params), out, extra_config=ids)
     return
@@ -419,8 +417,8 @@ def run(config, workdir, step_hooks=()) -> TrainState:
   train_iterator = pipeline.train_iterator(splits['train'], config.data, layout,
                                            micro_batches=config.optimizer.grad_accum_steps,
                                            row_multiple=dp)
-  eval_batches = lambda: (pipeline.eval_iterator(splits['eval'], config.data, layout,
-                                                 row_multiple=dp) if 'eval' in splits else iter(()))
+  eval_batches = lambda: pipeline.eval_iterator(splits['eval'], config.data, layout,
+                                                row_multiple=dp)
   checkpointer = checkpoint.Checkpointer(workdir, config.checkpoint, has_data_state=True,
                                          base_fingerprint=base_fingerprint)
   state = checkpointer.restore_latest(run_setup.abstract_state, train_iterator)
@@ -489,7 +487,9 @@ def run(config, workdir, step_hooks=()) -> TrainState:
       bar.update(1)
       save_now = (step % config.checkpoint.every_steps == 0 or step == num_steps
                   or preemption.reached(step))
-      evaluate_now = config.train.eval_every and step % config.train.eval_every == 0
+      # Without an eval split (one data file, no holdout) there is nothing to evaluate.
+      evaluate_now = ('eval' in splits and config.train.eval_every
+                      and step % config.train.eval_every == 0)
       hook_now = any(step % every == 0 or step == num_steps for every, _ in step_hooks)
       if save_now or evaluate_now or hook_now:
         # Synchronize: this step's metrics are checked before anything is saved or evaluated.
@@ -499,8 +499,7 @@ def run(config, workdir, step_hooks=()) -> TrainState:
         if evaluate_now:
           scalars = _evaluate(run_setup, state.params, reference, eval_batches(),
                               config.train.eval_batches)
-          if scalars:  # no eval split: nothing to log
-            writer.write(step, scalars)
+          writer.write(step, scalars)
           eval_loss = scalars.get('eval/loss')
         run_hooks(step)
         if save_now or preemption.raised:

@@ -33,9 +33,8 @@ def convert(gguf_path: str, out_dir: str) -> pathlib.Path:
   model = hf.load_model(str(path), config.model,
                         sharding.make_mesh(config.mesh, jax.devices('cpu')[:1]))
   tok = gguf_file.load_tokenizer(path)
-  ids = {f'{name}_token_id': getattr(tok, f'{name}_token_id') for name in ('bos', 'eos', 'pad')}
   out = pathlib.Path(out_dir)
-  hf.save_model(model, str(out), extra_config={k: v for k, v in ids.items() if v is not None})
+  hf.save_model(model, str(out), extra_config=hf.token_id_fields(tok))
   tok.save_pretrained(str(out))
   return out
 

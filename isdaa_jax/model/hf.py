@@ -382,6 +382,12 @@ def _save(model: Llama, out_dir: str, config: dict, extra: dict[str, jax.Array],
   (out / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
+def token_id_fields(tokenizer) -> dict:
+  """config.json's `bos/eos/pad_token_id` fields from a tokenizer (those it defines)."""
+  ids = {f'{k}_token_id': getattr(tokenizer, f'{k}_token_id') for k in ('bos', 'eos', 'pad')}
+  return {k: v for k, v in ids.items() if v is not None}
+
+
 def save_model(model: Llama, out_dir: str, *, extra_config: Optional[dict] = None,
                max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
   """Writes config.json + safetensors that transformers loads as LlamaForCausalLM.
