@@ -2,8 +2,8 @@
 
 Run (full study, 365 runs as vectorized groups; its time is not measured yet):
   python -m isdaa_jax.lab --config=configs/lab.py --workdir=runs/lab
-Quick mode (30 runs; 221 s user CPU, 8 min wall on a shared 2-core machine; the README's first
-command):
+Quick mode (30 runs; 171 s user CPU, 4 min 51 s wall on a shared 2-core machine at load 5-9;
+the README's first command):
   python -m isdaa_jax.lab --config=configs/lab.py:quick --workdir=runs/lab-quick
 
 Produces in the workdir: `reference/` (the SFT reference policy, Hugging Face format),
