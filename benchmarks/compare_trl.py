@@ -257,7 +257,10 @@ def isdaa_variants(real: bool) -> dict:
     return dict(isdaa={}, isdaa_precomputed=precomputed,
                 isdaa_fast={**precomputed, 'data.prefix_sharing': True})
   # Real lengths vary: packing removes the padding the one 256 bucket leaves.
-  return dict(isdaa={}, isdaa_scan={'model.scan_layers': True}, isdaa_precomputed=precomputed,
+  # isdaa_remat: same work, layer activations recomputed in the backward pass (host memory).
+  return dict(isdaa={}, isdaa_scan={'model.scan_layers': True},
+              isdaa_remat={'model.scan_layers': True, 'model.remat': 'full'},
+              isdaa_precomputed=precomputed,
               isdaa_fast={**precomputed, 'data.prefix_sharing': True, 'data.packing': True})
 
 

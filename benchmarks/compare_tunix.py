@@ -1,11 +1,17 @@
-"""isdaa-jax against Google Tunix's DPOTrainer: SmolLM2-135M-Instruct, real HH-RLHF pairs.
+"""isdaa-jax against Google Tunix's DPOTrainer, on compare_trl's workloads.
 
-  python benchmarks/compare_tunix.py [--steps=4 --warmup=1] [--venv=~/.cache/isdaa-jax/tunix-venv]
+  python benchmarks/compare_tunix.py [--steps=12 --warmup=2]                 # synthetic model
+  python benchmarks/compare_tunix.py --model=smollm2 [--steps=4 --warmup=1]  # SmolLM2, real HH
 
-The workload is compare_trl's `--model=smollm2` one (benchmarks/real_workload.py): the SmolLM2
-GGUF converted once into a Hugging Face folder, the first 64 HH-RLHF harmless-base test pairs
-tokenized once (max length 256), batch 8, DPO sigmoid loss with beta 0.1, AdamW at a constant
-learning rate with gradient clipping at 1.0, float32.
+`--model=synthetic` (the default) is compare_trl's synthetic workload: the same Llama (vocab
+8192, hidden 256, intermediate 688, 4 layers, 8 heads, untied, float32; initialized here by
+isdaa-jax with a fixed seed and saved as a Hugging Face folder that both sides load) and the same
+64 synthetic pairs (prompt 64, responses 32). `--model=smollm2` is compare_trl's real-scale one
+(benchmarks/real_workload.py): the SmolLM2 GGUF converted once into a Hugging Face folder, the
+first 64 HH-RLHF harmless-base test pairs tokenized once (max length 256); Tunix's step needs
+more than this 24 GiB machine holds there (its process was killed by the kernel at 23 GiB RSS on
+2026-12-03). Both: batch 8, DPO sigmoid loss with beta 0.1, AdamW at a constant learning rate
+with gradient clipping at 1.0, float32.
 
 Tunix runs first, in a virtual environment of its own created on first use (`google-tunix`
 with the jax/flax pair isdaa-jax uses), driven by a generated script in a subprocess: its
@@ -142,8 +148,12 @@ _TUNIX_DRIVER = textwrap.dedent('''\
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--steps', type=int, default=4, help='timed steps, the same on both sides')
-  p.add_argument('--warmup', type=int, default=1, help='untimed first steps on both sides')
+  p.add_argument('--model', choices=('synthetic', 'smollm2'), default='synthetic',
+                 help="compare_trl's synthetic model or SmolLM2-135M on real HH pairs")
+  p.add_argument('--steps', type=int, default=None,
+                 help='timed steps, the same on both sides (default 12 synthetic, 4 smollm2)')
+  p.add_argument('--warmup', type=int, default=None,
+                 help='untimed first steps on both sides (default 2 synthetic, 1 smollm2)')
   real_workload.add_flags(p)
   p.add_argument('--venv', default='~/.cache/isdaa-jax/tunix-venv',
                  help="Tunix's virtual environment (created when absent)")
@@ -151,8 +161,29 @@ def parse_args(argv=None):
   p.add_argument('--jax', default='jax==0.10.2 flax==0.12.8',
                  help="pip requirements pinning Tunix's jax and flax (isdaa-jax's pair)")
   p.add_argument('--variants', default='isdaa,isdaa_precomputed,isdaa_fast',
-                 help="isdaa-jax runs, from compare_trl's smollm2 variants")
-  return p.parse_args(argv)
+                 help="isdaa-jax runs, from compare_trl's variants of the --model")
+  args = p.parse_args(argv)
+  real = args.model == 'smollm2'
+  if args.steps is None:
+    args.steps = 4 if real else 12
+  if args.warmup is None:
+    args.warmup = 1 if real else 2
+  return args
+
+
+def save_synthetic_model(model_dir: pathlib.Path) -> None:
+  """compare_trl's synthetic Llama, initialized by isdaa-jax (seed 0), as a Hugging Face folder."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.model import hf  # pylint: disable=g-import-not-at-top
+  from isdaa_jax.model.llama import Llama, LlamaConfig  # pylint: disable=g-import-not-at-top
+  cfg = LlamaConfig(vocab_size=compare_trl.VOCAB, hidden_size=compare_trl.HIDDEN,
+                    intermediate_size=compare_trl.INTERMEDIATE,
+                    num_layers=compare_trl.LAYERS, num_heads=compare_trl.HEADS,
+                    num_kv_heads=compare_trl.HEADS,
+                    head_dim=compare_trl.HIDDEN // compare_trl.HEADS, rms_norm_eps=1e-6,
+                    max_position_embeddings=512)
+  hf.save_model(Llama(cfg, rngs=nnx.Rngs(0)), str(model_dir),
+                extra_config=dict(bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
 def run_tunix(python: pathlib.Path, pairs, model_dir: pathlib.Path, workdir: pathlib.Path,
@@ -176,25 +207,33 @@ def run_tunix(python: pathlib.Path, pairs, model_dir: pathlib.Path, workdir: pat
 
 def main(argv=None):
   args = parse_args(argv)
-  model_dir = real_workload.ensure_model_dir(args.model_dir)
-  pairs = real_workload.hh_pairs(model_dir, args.hh_file, compare_trl.NUM_PAIRS,
-                                 real_workload.MAX_LENGTH)
+  real = args.model == 'smollm2'
   python = compare_trl.ensure_venv(pathlib.Path(args.venv).expanduser(),
                                    [args.tunix, *args.jax.split()], 'tunix.sft.dpo.dpo_trainer',
                                    'Tunix')
-  variants = compare_trl.isdaa_variants(real=True)
+  variants = compare_trl.isdaa_variants(real=real)
   names = [v for v in args.variants.split(',') if v]
   unknown = [v for v in names if v not in variants]
   if unknown or 'isdaa' not in names:
     raise SystemExit(f'--variants must include isdaa and name only {", ".join(variants)}')
   with tempfile.TemporaryDirectory(prefix='compare_tunix_') as tmp:
     workdir = pathlib.Path(tmp)
-    compare_trl.log('Tunix DPOTrainer ...')
+    if real:
+      model_dir = real_workload.ensure_model_dir(args.model_dir)
+      pairs = real_workload.hh_pairs(model_dir, args.hh_file, compare_trl.NUM_PAIRS,
+                                     real_workload.MAX_LENGTH)
+      seq_len, buckets = real_workload.MAX_LENGTH, (real_workload.MAX_LENGTH,)
+    else:
+      model_dir = workdir / 'model'
+      save_synthetic_model(model_dir)
+      pairs = train_step.synthetic_pairs(compare_trl.NUM_PAIRS, compare_trl.PROMPT,
+                                         compare_trl.RESPONSE, compare_trl.VOCAB, seed=0)
+      seq_len, buckets = compare_trl.PROMPT + compare_trl.RESPONSE, ()
+    compare_trl.log(f'Tunix DPOTrainer ({args.model}) ...')
     tunix = run_tunix(python, pairs, model_dir, workdir, args)
     print(json.dumps(dict(tunix=tunix)), flush=True)
-    spec = dict(real=True, model_dir=str(model_dir), hh_file=args.hh_file, pairs=pairs,
-                seq_len=real_workload.MAX_LENGTH, buckets=(real_workload.MAX_LENGTH,),
-                steps=args.steps, warmup=args.warmup)
+    spec = dict(real=real, model_dir=str(model_dir), hh_file=args.hh_file, pairs=pairs,
+                seq_len=seq_len, buckets=buckets, steps=args.steps, warmup=args.warmup)
     results = {}
     for name in names:
       compare_trl.log(f'{name} {variants[name]} ...')
@@ -207,7 +246,7 @@ def main(argv=None):
   isdaa = results['isdaa']
   pair_tokens = sum(train_step.pair_tokens(p) for p in pairs) / len(pairs)
   summary = dict(
-      model='smollm2',
+      model=args.model,
       tunix_pairs_per_s=tunix_pairs_s,
       isdaa_pairs_per_s=isdaa['pairs_per_s'],
       ratio=isdaa['pairs_per_s'] / tunix_pairs_s,
