@@ -82,7 +82,7 @@ def get_config(mode: str = 'full') -> ml_collections.ConfigDict:
         # Supervised training of the reference policy on demonstrations.
         sft=dict(num_demos=4096, steps=300, batch_size=64, learning_rate=3e-3),
         # Preference pairs sampled from the reference and labelled by the gold reward (2048:
-        # a 32-step epoch; the full study's 365 runs fit 30 minutes on 2 cores at this size).
+        # a 32-step epoch, chosen to bring the full study toward 30 minutes on 2 cores).
         num_pairs=2048,
         # Each run trains this fraction of one pass over the pairs.
         epochs=1.0,
