@@ -22,6 +22,7 @@ IS-DAA loss is mean(w * loss). `config.loss.importance` also holds ablations tha
 paper (a per-token-mean log-ratio, a lower clip, batch self-normalization).
 """
 
+import functools
 from typing import Mapping, NamedTuple, Optional
 
 import jax
@@ -78,10 +79,16 @@ def alphapo_reward(mean_logp, alpha: float):
 
   expm1 keeps tiny alpha accurate (no cancellation), so the reward is continuous at alpha -> 0.
   """
-  if alpha == 0.0:
-    return mean_logp
-  exponent = jnp.minimum(-alpha * mean_logp, _MAX_EXPONENT)
-  return -jnp.expm1(exponent) / alpha
+  if isinstance(alpha, (int, float)):
+    if alpha == 0.0:
+      return mean_logp
+    exponent = jnp.minimum(-alpha * mean_logp, _MAX_EXPONENT)
+    return -jnp.expm1(exponent) / alpha
+  # A traced alpha (the lab's vectorized sweep): the same value, and at 0 exactly `a`; the
+  # divisor is kept nonzero so that the unselected branch's gradient is finite, not NaN.
+  safe = jnp.where(alpha == 0.0, 1.0, alpha)
+  reward = -jnp.expm1(jnp.minimum(-safe * mean_logp, _MAX_EXPONENT)) / safe
+  return jnp.where(alpha == 0.0, mean_logp, reward)
 
 
 def chipo_link(u):
@@ -117,8 +124,24 @@ def importance_weight(logps: PairLogps, importance_config):
 
 
 def per_pair_loss(logps: PairLogps, loss_config):
-  """The unweighted DAA loss of each pair, shape [B]."""
+  """The unweighted DAA loss of each pair, shape [B].
+
+  `loss_config.name` may be a tuple of names with `loss_config.name_index` (an int, possibly
+  traced) picking one: the lab's vectorized sweep trains runs of several losses in one program.
+  """
   name = loss_config.name
+  if not isinstance(name, str):
+    # Every listed loss is computed (they are a few ops on [B]) and the chosen one selected: its
+    # value and gradient are exactly its own, the others' gradients are zeros.
+    per_name = [_named_loss(n, logps, loss_config) for n in name]
+    index = jnp.asarray(loss_config.name_index)
+    return functools.reduce(lambda acc, k: jnp.where(index == k, per_name[k], acc),
+                            range(1, len(name)), per_name[0])
+  return _named_loss(name, logps, loss_config)
+
+
+def _named_loss(name: str, logps: PairLogps, loss_config):
+  """`per_pair_loss` of the loss `name` (loss_config.name is not read)."""
   beta = loss_config.beta
   lp_w, lp_l = _f32(logps.policy_chosen), _f32(logps.policy_rejected)
   rp_w, rp_l = _f32(logps.reference_chosen), _f32(logps.reference_rejected)

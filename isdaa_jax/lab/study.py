@@ -118,19 +118,26 @@ def run_study(config, workdir) -> dict:
   batches = sweep.seed_batches(data_cfg, lab.seeds, num_steps)
   ref_params = nnx.to_pure_dict(nnx.state(ref_model))
   points = []
+  programs = {}
   for group in groups(config, pairs_path):
     group.config.model.path = str(ref_dir)
     group.config.train.num_steps = num_steps
-    group_points, graphdef, params_R = sweep.train_group(group, ref_params, batches, evaluator,
-                                                         lab.eval_every, epoch_steps)
-    points += group_points
-    if not group.tags['variant']:  # the sweep's final policies, for notebooks/loss_surface.py
+    programs.setdefault(sweep.program_key(group.config), []).append(group)
+  for program in programs.values():
+    program_points, graphdef, params = sweep.train_program(
+        program, ref_params, batches, evaluator, lab.eval_every, epoch_steps, lab.chunk_size)
+    points += program_points
+    for group, params_R in zip(program, params):
+      if group.tags['variant']:
+        continue
+      # The sweep's final policies, for notebooks/loss_surface.py.
       for i, run in enumerate(group.runs):
         hf.save_model(nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], params_R)),
                       workdir / 'runs' / run_name(group.tags['method'], run.beta,
                                                   run.importance, run.seed))
-    logging.info('lab group %s %s (%d runs) done (%.0f s elapsed)', group.tags['method'],
-                 group.tags['variant'], len(group.runs), time.time() - started)
+    logging.info('lab program %s (%d runs) done (%.0f s elapsed)',
+                 ', '.join(sorted({g.tags['method'] + g.tags['variant'] for g in program})),
+                 sum(len(g.runs) for g in program), time.time() - started)
   seconds['sweep'] = time.time() - started - seconds['reference'] - seconds['pairs']
 
   summary_rows = report.summarize(points)

@@ -1,18 +1,20 @@
 """Many lab runs trained as one vectorized model.
 
-The runs of a `Group` share what fixes the traced program (the loss name, alpha and the
-importance options that branch in Python: `log_ratio`, `self_normalize`) and differ in beta,
-seed and whether the weight is on. Their params, AdamW states and step counters carry a leading
-run axis R, and one `jax.vmap` of the real `train.train_step` (layout log-probs, `losses.daa_loss`,
-the `optimizer.make_optimizer` chain and schedule) advances all R runs in one compiled program:
-- beta enters each run's loss config as a traced scalar (the loss only does arithmetic with it);
+Runs that share what fixes the traced program (the importance options that branch in Python,
+`log_ratio` and `self_normalize`, and the model, data and optimizer) are one `Program`, trained in
+chunks of equal size so that one compiled step and one compiled evaluation serve every chunk.
+Their params, AdamW states and step counters carry a leading run axis R, and one `jax.vmap` of the
+real `train.train_step` (layout log-probs, `losses.daa_loss`, the `optimizer.make_optimizer` chain
+and schedule) advances all R runs:
+- the loss is a per-run choice among the program's loss names (`loss.name_index`), and beta,
+  gamma and alpha are per-run traced scalars (the loss only does arithmetic with them);
 - every run computes the importance weight; a run without it clips its log-weight to [0, 0], so
   its weight is exactly 1 and its loss, mean(1 * loss), and gradient are the unweighted loss's;
 - each run's batch is the real Grain pipeline's batch for its seed (`data.shuffle_seed = seed`):
   with/without pairs of one seed see identical batches from identical reference weights, and the
   evaluations of a step draw samples with the same key (paired comparisons).
-`tests/lab_sweep_test.py` checks a vectorized run against the same run through `train.setup`'s
-jitted step alone.
+`tests/lab_sweep_test.py` checks vectorized runs of several losses against the same runs through
+`train.setup`'s jitted step alone.
 """
 
 import copy
@@ -39,37 +41,73 @@ class Run:
 
 @dataclasses.dataclass
 class Group:
-  """Runs trained together; `config` is the training config they share (its loss.beta and
+  """Runs of one loss; `config` is the training config they share (its loss.beta and
   loss.importance.enabled are replaced per run), `tags` go into every point they record."""
   config: ml_collections.ConfigDict
   runs: Sequence[Run]
   tags: dict
 
 
-def _run_loss(loss_config, beta, eps, min_log_weight):
-  """`loss_config` with traced beta and log-weight bounds (not type-checked: they are tracers)."""
+def program_key(config) -> tuple:
+  """What must be equal for runs to share one compiled program: the config without the loss
+  values that are per-run arrays (name, beta, gamma, alpha, the weight's on/off and bounds)."""
+  cfg = config.to_dict()
+  loss = cfg['loss']
+  for k in ('name', 'beta', 'gamma', 'alpha'):
+    loss.pop(k)
+  for k in ('enabled', 'eps', 'min_log_weight'):
+    loss['importance'].pop(k)
+  cfg.pop('seed')
+  cfg['data'].pop('shuffle_seed')
+  return repr(sorted(_flat(cfg)))
+
+
+def _flat(d, prefix=''):
+  for k, v in d.items():
+    if isinstance(v, dict):
+      yield from _flat(v, f'{prefix}{k}.')
+    else:
+      yield f'{prefix}{k}', v
+
+
+def loss_names(groups: Sequence[Group]) -> tuple[str, ...]:
+  return tuple(sorted({g.config.loss.name for g in groups}))
+
+
+def _run_loss(loss_config, names, arrays):
+  """`loss_config` choosing among `names` per run, with traced per-run values (not type-checked:
+  they are tracers)."""
   loss = ml_collections.ConfigDict(loss_config.to_dict(), type_safe=False)
-  loss.beta = beta
+  loss.name = names[0] if len(names) == 1 else names
+  loss.name_index = arrays['name_index']
+  loss.beta, loss.gamma, loss.alpha = arrays['beta'], arrays['gamma'], arrays['alpha']
   loss.importance.enabled = True
-  loss.importance.eps = eps
-  loss.importance.min_log_weight = min_log_weight
+  loss.importance.eps = arrays['eps']
+  loss.importance.min_log_weight = arrays['min_log_weight']
   return loss
 
 
-def run_arrays(group: Group) -> dict:
-  """Per-run beta and log-weight bounds [R]; a run without the weight gets bounds [0, 0]."""
-  imp = group.config.loss.importance
-  on = np.array([r.importance for r in group.runs])
-  return dict(beta=np.array([r.beta for r in group.runs], np.float32),
-              eps=np.where(on, imp.eps, 0.0).astype(np.float32),
-              min_log_weight=np.where(on, imp.min_log_weight, 0.0).astype(np.float32))
+def run_arrays(groups: Sequence[Group]) -> dict:
+  """Per-run loss values [R] of the groups' runs, in order; a run without the weight gets
+  log-weight bounds [0, 0]."""
+  names = loss_names(groups)
+  out = {k: [] for k in ('name_index', 'beta', 'gamma', 'alpha', 'eps', 'min_log_weight')}
+  for g in groups:
+    loss = g.config.loss
+    for r in g.runs:
+      out['name_index'].append(names.index(loss.name))
+      out['beta'].append(r.beta)
+      out['gamma'].append(loss.gamma)
+      out['alpha'].append(loss.alpha)
+      out['eps'].append(loss.importance.eps if r.importance else 0.0)
+      out['min_log_weight'].append(loss.importance.min_log_weight if r.importance else 0.0)
+  return {k: np.array(v, np.int32 if k == 'name_index' else np.float32) for k, v in out.items()}
 
 
-def vectorized_step(run_setup: train.Setup) -> Callable:
-  """jitted (state_R, batch_R, beta_R, eps_R, min_log_weight_R) -> (state_R, metrics_R)."""
-  def one(state, batch, beta, eps, min_log_weight):
-    cfg = dataclasses.replace(run_setup.step,
-                              loss=_run_loss(run_setup.step.loss, beta, eps, min_log_weight))
+def vectorized_step(run_setup: train.Setup, names: tuple[str, ...]) -> Callable:
+  """jitted (state_R, batch_R, arrays_R) -> (state_R, metrics_R), `arrays_R` from run_arrays."""
+  def one(state, batch, arrays):
+    cfg = dataclasses.replace(run_setup.step, loss=_run_loss(run_setup.step.loss, names, arrays))
     return train.train_step(state, {}, batch, graphdef=run_setup.graphdef, tx=run_setup.tx,
                             schedule=run_setup.schedule, cfg=cfg)
   return jax.jit(jax.vmap(one), donate_argnums=(0,))
@@ -80,15 +118,15 @@ def setup(config) -> train.Setup:
   return train.setup(config, sharding.make_mesh(config.mesh, jax.devices()[:1]))
 
 
-def init_state(run_setup: train.Setup, params, num_runs: int) -> train.TrainState:
-  """R copies of the starting params with fresh optimizer states."""
-  tx = run_setup.tx
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_state(tx, params, num_runs: int) -> train.TrainState:
+  p_R = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_runs,) + x.shape), params)
+  return jax.vmap(functools.partial(train.fresh_state, tx))(p_R)
 
-  @jax.jit
-  def init(p):
-    p_R = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_runs,) + x.shape), p)
-    return jax.vmap(functools.partial(train.fresh_state, tx))(p_R)
-  return init(params)
+
+def init_state(run_setup: train.Setup, params, num_runs: int) -> train.TrainState:
+  """R copies of the starting params with fresh optimizer states (compiled once per program)."""
+  return _init_state(run_setup.tx, params, num_runs)
 
 
 def seed_batches(config, seeds: Sequence[int], num_steps: int) -> dict:
@@ -139,27 +177,60 @@ def _eval_keys(seeds_R, step):
 STEP_METRICS = ('is/ess', 'is/weight_mean', 'is/clipped_frac', 'rewards/chosen', 'loss')
 
 
-def train_group(group: Group, params, batches: dict, evaluator: Evaluator, eval_every: int,
-                epoch_steps: float) -> tuple[list[dict], nnx.GraphDef, dict]:
-  """Trains the group's runs together; returns one point per run and evaluation step, and the
-  graphdef and final params [R, ...] of the runs."""
-  cfg = group.config
+def chunks(num_runs: int, chunk_size: int) -> list[slice]:
+  """`num_runs` split into the fewest chunks of at most `chunk_size`, as equal as possible (the
+  last ones are padded up to the first's size, so every chunk has one shape)."""
+  n = -(-num_runs // chunk_size)
+  size = -(-num_runs // n)
+  return [slice(i * size, min((i + 1) * size, num_runs)) for i in range(n)]
+
+
+def train_program(groups: Sequence[Group], params, batches: dict, evaluator: Evaluator,
+                  eval_every: int, epoch_steps: float, chunk_size: int):
+  """Trains the runs of `groups` (one program_key) in chunks; returns one point per run and
+  evaluation step, and the graphdef and each group's final params [R_group, ...]."""
+  cfg = groups[0].config
   run_setup = setup(cfg)
-  num_steps, runs = cfg.train.num_steps, list(group.runs)
-  step_fn = vectorized_step(run_setup)
-  arrays = {k: jnp.asarray(v) for k, v in run_arrays(group).items()}
+  names = loss_names(groups)
+  step_fn = vectorized_step(run_setup, names)
+  flat = [(g, r) for g in groups for r in g.runs]
+  arrays = run_arrays(groups)
+  points, finals = [], []
+  parts = chunks(len(flat), chunk_size)
+  for part in parts:
+    idx = np.arange(part.start, part.stop)
+    size = parts[0].stop
+    # Padding repeats the chunk's last run; its points and params are dropped.
+    idx = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
+    chunk_points, params_R = _train_chunk(
+        run_setup, step_fn, [flat[i] for i in idx], {k: v[idx] for k, v in arrays.items()},
+        params, batches, evaluator, eval_every, epoch_steps, cfg.train.num_steps)
+    real = part.stop - part.start
+    points += [p for p in chunk_points if p.pop('_slot') < real]
+    finals.append(jax.tree.map(lambda x, real=real: x[:real], params_R))
+  params_R = jax.tree.map(lambda *xs: jnp.concatenate(xs), *finals)
+  out, start = [], 0
+  for g in groups:
+    out.append(jax.tree.map(lambda x, a=start, b=start + len(g.runs): x[a:b], params_R))
+    start += len(g.runs)
+  return points, run_setup.graphdef, out
+
+
+def _train_chunk(run_setup, step_fn, runs, arrays, params, batches, evaluator, eval_every,
+                 epoch_steps, num_steps):
+  arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
   state = init_state(run_setup, params, len(runs))
-  seeds = sorted({r.seed for r in runs})
-  seed_idx = np.array([seeds.index(r.seed) for r in runs])
+  seeds = sorted({r.seed for _, r in runs})
+  seed_idx = np.array([seeds.index(r.seed) for _, r in runs])
+  run_seeds = np.array([r.seed for _, r in runs])
   points = []
 
   def record(step, metrics):
-    keys = _eval_keys(np.array([r.seed for r in runs]), step)
-    results = evaluator(run_setup.graphdef, state.params, keys)
+    results = evaluator(run_setup.graphdef, state.params, _eval_keys(run_seeds, step))
     host = jax.device_get(metrics) if metrics is not None else None
-    for i, (run, res) in enumerate(zip(runs, results)):
+    for i, ((group, run), res) in enumerate(zip(runs, results)):
       point = dict(group.tags, beta=run.beta, importance=run.importance, seed=run.seed,
-                   step=step, epoch=step / epoch_steps, **res)
+                   step=step, epoch=step / epoch_steps, _slot=i, **res)
       if host is not None:
         point.update({k: float(host[k][i]) for k in STEP_METRICS})
         # Mean change of the chosen responses' log-prob from the reference, on the batch.
@@ -170,8 +241,7 @@ def train_group(group: Group, params, batches: dict, evaluator: Evaluator, eval_
   for step in range(1, num_steps + 1):
     per_seed = [batches[s][step - 1] for s in seeds]
     batch = {k: jnp.asarray(np.stack([b[k] for b in per_seed])[seed_idx]) for k in per_seed[0]}
-    state, metrics = step_fn(state, batch, arrays['beta'], arrays['eps'],
-                             arrays['min_log_weight'])
+    state, metrics = step_fn(state, batch, arrays)
     if step % eval_every == 0 or step == num_steps:
       record(step, metrics)
-  return points, run_setup.graphdef, state.params
+  return points, state.params
