@@ -8,9 +8,10 @@
 isdaa-jax with a fixed seed and saved as a Hugging Face folder that both sides load) and the same
 64 synthetic pairs (prompt 64, responses 32). `--model=smollm2` is compare_trl's real-scale one
 (benchmarks/real_workload.py): the SmolLM2 GGUF converted once into a Hugging Face folder, the
-first 64 HH-RLHF harmless-base test pairs tokenized once (max length 256); Tunix's step needs
-more than this 24 GiB machine holds there (its process was killed by the kernel at 23 GiB RSS on
-2026-12-03). Both: batch 8, DPO sigmoid loss with beta 0.1, AdamW at a constant learning rate
+first 64 HH-RLHF harmless-base test pairs tokenized once (max length 256); Tunix's step of 8
+pairs needs more than this 24 GiB machine holds there (killed by the kernel at 23 GiB RSS on
+2026-12-03), and fits in 14 GiB with `--grad_accum=4` (both sides then step over 4 micro-batches
+of 2 pairs). Both: batch 8, DPO sigmoid loss with beta 0.1, AdamW at a constant learning rate
 with gradient clipping at 1.0, float32.
 
 Tunix runs first, in a virtual environment of its own created on first use (`google-tunix`
@@ -84,17 +85,20 @@ _TUNIX_DRIVER = textwrap.dedent('''\
         return ids, mask
 
     def batches():
-        b = spec['batch_size']
+        # With accumulation each step's batch arrives as `grad_accum` micro-batches.
+        b, accum = spec['batch_size'], spec['grad_accum']
+        micro = b // accum
         for step in range(spec['warmup'] + spec['steps']):
-            start = step * b % len(pairs)
-            chunk = pairs[start:start + b]
-            prompt_ids, prompt_mask = left([p['prompt_ids'] for p in chunk], P)
-            chosen_ids, chosen_mask = right([p['chosen_ids'] for p in chunk], R)
-            rejected_ids, rejected_mask = right([p['rejected_ids'] for p in chunk], R)
-            yield dpo_trainer.TrainingInput(
-                prompt_ids=prompt_ids, prompt_mask=prompt_mask, chosen_ids=chosen_ids,
-                chosen_mask=chosen_mask, rejected_ids=rejected_ids,
-                rejected_mask=rejected_mask)
+            for k in range(accum):
+                start = (step * b + k * micro) % len(pairs)
+                chunk = pairs[start:start + micro]
+                prompt_ids, prompt_mask = left([p['prompt_ids'] for p in chunk], P)
+                chosen_ids, chosen_mask = right([p['chosen_ids'] for p in chunk], R)
+                rejected_ids, rejected_mask = right([p['rejected_ids'] for p in chunk], R)
+                yield dpo_trainer.TrainingInput(
+                    prompt_ids=prompt_ids, prompt_mask=prompt_mask, chosen_ids=chosen_ids,
+                    chosen_mask=chosen_mask, rejected_ids=rejected_ids,
+                    rejected_mask=rejected_mask)
 
     class Timer(hooks.TrainingHooks):
         def __init__(self):
@@ -128,6 +132,7 @@ _TUNIX_DRIVER = textwrap.dedent('''\
             optax.adamw(spec['learning_rate'], b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0))
         config = dpo_trainer.DPOTrainingConfig(
             eval_every_n_steps=10 ** 9, max_steps=spec['warmup'] + spec['steps'],
+            gradient_accumulation_steps=spec['grad_accum'] if spec['grad_accum'] > 1 else None,
             beta=spec['beta'], label_smoothing=0.0, pbar_description=None)
         trainer = dpo_trainer.DPOTrainer(policy, reference, optimizer, config)
         timer = Timer()
@@ -160,9 +165,15 @@ def parse_args(argv=None):
   p.add_argument('--tunix', default='google-tunix==0.1.7', help='pip requirement for Tunix')
   p.add_argument('--jax', default='jax==0.10.2 flax==0.12.8',
                  help="pip requirements pinning Tunix's jax and flax (isdaa-jax's pair)")
+  p.add_argument('--grad_accum', type=int, default=1,
+                 help='micro-batches per step of 8 pairs, on both sides (Tunix: '
+                      'gradient_accumulation_steps; isdaa-jax: optimizer.grad_accum_steps); '
+                      'the SmolLM2 workload fits Tunix in 24 GiB only with 4')
   p.add_argument('--variants', default='isdaa,isdaa_precomputed,isdaa_fast',
                  help="isdaa-jax runs, from compare_trl's variants of the --model")
   args = p.parse_args(argv)
+  if args.grad_accum < 1 or compare_trl.BATCH % args.grad_accum:
+    p.error(f'--grad_accum must divide the batch of {compare_trl.BATCH} pairs')
   real = args.model == 'smollm2'
   if args.steps is None:
     args.steps = 4 if real else 12
@@ -191,7 +202,8 @@ def run_tunix(python: pathlib.Path, pairs, model_dir: pathlib.Path, workdir: pat
   pad_id = json.loads((model_dir / 'config.json').read_text())['pad_token_id']
   spec = dict(model_dir=str(model_dir), pairs=pairs, pad_id=pad_id,
               batch_size=compare_trl.BATCH, beta=compare_trl.BETA,
-              learning_rate=compare_trl.LEARNING_RATE, warmup=args.warmup, steps=args.steps)
+              learning_rate=compare_trl.LEARNING_RATE, warmup=args.warmup, steps=args.steps,
+              grad_accum=args.grad_accum)
   (workdir / 'tunix_spec.json').write_text(json.dumps(spec))
   (workdir / 'tunix_driver.py').write_text(_TUNIX_DRIVER)
   # The driver must not see this process's packages (isdaa-jax's own jax would shadow Tunix's).
@@ -237,7 +249,9 @@ def main(argv=None):
     results = {}
     for name in names:
       compare_trl.log(f'{name} {variants[name]} ...')
-      results[name] = compare_trl.run_isdaa(name, variants[name], spec, workdir)
+      overrides = dict(variants[name], **({'optimizer.grad_accum_steps': args.grad_accum}
+                                          if args.grad_accum > 1 else {}))
+      results[name] = compare_trl.run_isdaa(name, overrides, spec, workdir)
       print(json.dumps(results[name]), flush=True)
 
   timed_pairs = compare_trl.BATCH * args.steps
@@ -266,7 +280,7 @@ def main(argv=None):
       isdaa_pairs_per_s_by_variant={n: r['pairs_per_s'] for n, r in results.items()},
       ratio_by_variant={n: r['pairs_per_s'] / tunix_pairs_s for n, r in results.items()},
       first_loss=dict(tunix=tunix['losses'][0], isdaa=isdaa['losses'][0]),
-      steps=args.steps, warmup=args.warmup,
+      steps=args.steps, warmup=args.warmup, grad_accum=args.grad_accum,
       versions=dict(tunix=tunix['tunix'], jax=tunix['jax']),
   )
   print(json.dumps(summary), flush=True)
