@@ -11,12 +11,14 @@ import time
 import jax
 import jax.numpy as jnp
 
+from isdaa_jax import reference as reference_lib
+
 
 def forward_equivalents(reference: str, lora: bool = False) -> int:
   """A step's work per token in forward passes: the policy's forward, a backward of two (input
   and weight gradients; with LoRA only the input half, the frozen base gets no weight gradients
   and the adapters' share is small), and a reference forward when it runs in the step."""
-  return 1 + (1 if lora else 2) + (1 if reference == 'model' else 0)
+  return 1 + (1 if lora else 2) + (1 if reference_lib.in_step(reference) else 0)
 
 
 def flops_per_token(num_params: int, reference: str, lora: bool = False) -> float:

@@ -48,7 +48,7 @@ class Group:
   tags: dict
 
 
-def program_key(config) -> tuple:
+def program_key(config) -> str:
   """What must be equal for runs to share one compiled program: the config without the loss
   values that are per-run arrays (name, beta, gamma, alpha, the weight's on/off and bounds)."""
   cfg = config.to_dict()
@@ -197,9 +197,9 @@ def train_program(groups: Sequence[Group], params, batches: dict, evaluator: Eva
   arrays = run_arrays(groups)
   points, finals = [], []
   parts = chunks(len(flat), chunk_size)
+  size = parts[0].stop
   for part in parts:
     idx = np.arange(part.start, part.stop)
-    size = parts[0].stop
     # Padding repeats the chunk's last run; its points and params are dropped.
     idx = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
     chunk_points, params_R = _train_chunk(
