@@ -14,6 +14,7 @@ holds `base` (the base weights' fingerprint): a resume over other base weights i
 import contextlib
 import errno
 import gc
+import logging as std_logging
 import os
 import pathlib
 import shutil
@@ -146,7 +147,7 @@ class Checkpointer:
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
-        _quiet_abandoned_reads()
+        _quiet_abandoned_reads(self.directory / str(step))
         first_error = first_error or f'step {step}: {type(e).__name__}: {_first_line(e)}'
         unreadable.append((step, f'{type(e).__name__}: {_first_line(e)}'))
         continue
@@ -201,28 +202,56 @@ class Checkpointer:
     self._manager.close()
 
 
-def _is_abandoned_read(exc: BaseException, tb) -> bool:
+# The step directories whose restore failed in this process: debris naming one is dropped.
+_FAILED_READS: set[str] = set()
+
+
+def _is_abandoned_read(exc: Optional[BaseException], tb) -> bool:
   """Whether an exception is debris of a failed Orbax restore, not a fault of its own.
 
   When one array of a checkpoint is unreadable, Orbax stops the restore and closes its event
-  loop while TensorStore still completes the other reads: those reads raise into a closed loop
-  ('Event loop is closed', printed by TensorStore through `sys.excepthook`) or are
-  garbage-collected still holding their own error (through `sys.unraisablehook`). Python prints
-  each as a traceback, after the one-sentence warning that already says what happened.
+  loop while TensorStore still completes the other reads. Those reads raise into a closed loop
+  ('Event loop is closed', printed by TensorStore through `sys.excepthook`), are
+  garbage-collected still holding their own error (through `sys.unraisablehook`), or are
+  reported by asyncio as 'Task/Future exception was never retrieved' (through its logger, with
+  the OUT_OF_RANGE read of a file in the failed step's directory). Python prints each as a
+  traceback, after the one-sentence warning that already says what happened.
   """
+  if exc is None:
+    return False
   if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  # TensorStore's own futures carry no Python frames, only the path of the file they read.
+  texts = [str(exc), repr(exc), str(exc.__cause__ or '')]
+  if any(step_dir in text for step_dir in _FAILED_READS for text in texts):
     return True
   while tb is not None and tb.tb_next is not None:
     tb = tb.tb_next
   return tb is not None and 'orbax' in tb.tb_frame.f_code.co_filename
 
 
-def _quiet_abandoned_reads():
-  """Drops the failed restore's debris (see `_is_abandoned_read`); everything else still prints.
+class _DropAbandonedReads(std_logging.Filter):
+  """asyncio's 'exception was never retrieved' records for a failed restore's reads."""
 
-  Installed for the rest of the process, since the debris can surface at any later collection
-  or TensorStore callback.
+  drops_abandoned_reads = True
+
+  def filter(self, record):
+    exc = record.exc_info[1] if record.exc_info else None
+    if 'never retrieved' in str(record.msg) and _is_abandoned_read(
+        exc, exc.__traceback__ if exc is not None else None):
+      logging.debug('dropped debris of a failed checkpoint read: %s', exc)
+      return False
+    return True
+
+
+def _quiet_abandoned_reads(step_dir: pathlib.Path):
+  """Drops the debris of step_dir's failed restore (see `_is_abandoned_read`); everything else
+  still prints.
+
+  Installed for the rest of the process, since the debris can surface at any later collection,
+  TensorStore callback or turn of the event loop.
   """
+  _FAILED_READS.add(str(step_dir))
   if not getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
     previous_unraisable = sys.unraisablehook
 
@@ -245,6 +274,9 @@ def _quiet_abandoned_reads():
 
     except_hook.drops_abandoned_reads = True
     sys.excepthook = except_hook
+  asyncio_logger = std_logging.getLogger('asyncio')
+  if not any(getattr(f, 'drops_abandoned_reads', False) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_DropAbandonedReads())
   gc.collect()  # The abandoned coroutines surface now, not in the middle of training output.
 
 
