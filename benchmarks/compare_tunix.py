@@ -22,6 +22,8 @@ frozen reference model on the very same token ids, given as its `TrainingInput` 
 left-padded to the longest prompt, responses right-padded to the longest response, one shape for
 every batch). isdaa-jax then runs the same pairs in a process per variant (compare_trl's
 variants). Only the last `steps` steps are timed on both sides; both sync on the loss every step.
+Tunix reports a step's loss one step late, part-way through the next step, so its rate is taken
+over the `steps - 1` whole gaps between those reports (the last gap holds only part of a step).
 
 The last output line is one JSON object: `tunix_pairs_per_s`, `isdaa_pairs_per_s`, `ratio`,
 `isdaa_fast_pairs_per_s`, `fast_ratio`, each side's peak RSS, compile times, matmul rates and
@@ -32,6 +34,7 @@ import argparse
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -172,6 +175,8 @@ def parse_args(argv=None):
   p.add_argument('--variants', default='isdaa,isdaa_precomputed,isdaa_fast',
                  help="isdaa-jax runs, from compare_trl's variants of the --model")
   args = p.parse_args(argv)
+  if args.steps is not None and args.steps < 2:
+    p.error("--steps must be at least 2: Tunix's last step is not timed whole (see main)")
   if args.grad_accum < 1 or compare_trl.BATCH % args.grad_accum:
     p.error(f'--grad_accum must divide the batch of {compare_trl.BATCH} pairs')
   real = args.model == 'smollm2'
@@ -217,6 +222,51 @@ def run_tunix(python: pathlib.Path, pairs, model_dir: pathlib.Path, workdir: pat
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def summarize(tunix: dict, results: dict, pairs: list, args) -> dict:
+  """The last output line: rates and ratios from Tunix's driver output and isdaa-jax's runs."""
+  # Tunix logs a step's metrics one step late (to overlap them with the next step), so its hook
+  # for step k fires once step k+1's first micro-batches have run: the gaps between hooks are
+  # whole steps, but the last gap (the flush in `close`) holds only the rest of the final step.
+  # Only the whole gaps are counted (before 2026-12-03 the flush was, overstating Tunix's rate).
+  tunix_steps = tunix['step_seconds'][args.warmup:-1]
+  timed_pairs = compare_trl.BATCH * len(tunix_steps)
+  tunix_seconds = sum(tunix_steps)
+  tunix_pairs_s = timed_pairs / tunix_seconds
+  tunix_peak = max(tunix['peak_flops_before_after'])
+  isdaa = results['isdaa']
+  # Tunix's steps get faster over its first steps (163 s -> 87 s on SmolLM2): the median of the
+  # later half of its whole steps against isdaa-jax's median step is the steady-state ratio.
+  tunix_steady_s = statistics.median(tunix_steps[len(tunix_steps) // 2:])
+  pair_tokens = sum(train_step.pair_tokens(p) for p in pairs) / len(pairs)
+  return dict(
+      model=args.model,
+      tunix_pairs_per_s=tunix_pairs_s,
+      isdaa_pairs_per_s=isdaa['pairs_per_s'],
+      ratio=isdaa['pairs_per_s'] / tunix_pairs_s,
+      tunix_best_step_pairs_per_s=compare_trl.BATCH / min(tunix_steps),
+      best_step_ratio=min(tunix_steps) / isdaa['step_s_min'],
+      tunix_step_seconds=tunix_steps,
+      tunix_steady_pairs_per_s=compare_trl.BATCH / tunix_steady_s,
+      steady_ratio=tunix_steady_s / isdaa['step_s_median'],
+      tunix_tokens_per_s=timed_pairs * pair_tokens / tunix_seconds,
+      isdaa_tokens_per_s=isdaa['tokens_per_s'],
+      tunix_row_length=tunix['prompt_length'] + tunix['response_length'],
+      tunix_first_step_s=tunix['first_step_s'],
+      tunix_peak_rss_bytes=tunix['peak_rss_bytes'],
+      tunix_matmul_flops_per_s=tunix_peak,
+      isdaa_matmul_flops_per_s=max(isdaa['peak_flops_before_after']),
+      ratio_per_matmul_peak=isdaa['pairs_per_s'] / max(isdaa['peak_flops_before_after'])
+      / (tunix_pairs_s / tunix_peak),
+      isdaa_peak_rss_bytes={n: r['host_peak_rss_bytes'] for n, r in results.items()},
+      isdaa_compile_s={n: r['compile_s'] for n, r in results.items()},
+      isdaa_pairs_per_s_by_variant={n: r['pairs_per_s'] for n, r in results.items()},
+      ratio_by_variant={n: r['pairs_per_s'] / tunix_pairs_s for n, r in results.items()},
+      first_loss=dict(tunix=tunix['losses'][0], isdaa=isdaa['losses'][0]),
+      steps=args.steps, warmup=args.warmup, grad_accum=args.grad_accum,
+      versions=dict(tunix=tunix['tunix'], jax=tunix['jax']),
+  )
+
+
 def main(argv=None):
   args = parse_args(argv)
   real = args.model == 'smollm2'
@@ -254,35 +304,7 @@ def main(argv=None):
       results[name] = compare_trl.run_isdaa(name, overrides, spec, workdir)
       print(json.dumps(results[name]), flush=True)
 
-  timed_pairs = compare_trl.BATCH * args.steps
-  tunix_pairs_s = timed_pairs / tunix['seconds']
-  tunix_peak = max(tunix['peak_flops_before_after'])
-  isdaa = results['isdaa']
-  pair_tokens = sum(train_step.pair_tokens(p) for p in pairs) / len(pairs)
-  summary = dict(
-      model=args.model,
-      tunix_pairs_per_s=tunix_pairs_s,
-      isdaa_pairs_per_s=isdaa['pairs_per_s'],
-      ratio=isdaa['pairs_per_s'] / tunix_pairs_s,
-      tunix_best_step_pairs_per_s=compare_trl.BATCH / min(tunix['step_seconds'][args.warmup:]),
-      best_step_ratio=min(tunix['step_seconds'][args.warmup:]) / isdaa['step_s_min'],
-      tunix_tokens_per_s=timed_pairs * pair_tokens / tunix['seconds'],
-      isdaa_tokens_per_s=isdaa['tokens_per_s'],
-      tunix_row_length=tunix['prompt_length'] + tunix['response_length'],
-      tunix_first_step_s=tunix['first_step_s'],
-      tunix_peak_rss_bytes=tunix['peak_rss_bytes'],
-      tunix_matmul_flops_per_s=tunix_peak,
-      isdaa_matmul_flops_per_s=max(isdaa['peak_flops_before_after']),
-      ratio_per_matmul_peak=isdaa['pairs_per_s'] / max(isdaa['peak_flops_before_after'])
-      / (tunix_pairs_s / tunix_peak),
-      isdaa_peak_rss_bytes={n: r['host_peak_rss_bytes'] for n, r in results.items()},
-      isdaa_compile_s={n: r['compile_s'] for n, r in results.items()},
-      isdaa_pairs_per_s_by_variant={n: r['pairs_per_s'] for n, r in results.items()},
-      ratio_by_variant={n: r['pairs_per_s'] / tunix_pairs_s for n, r in results.items()},
-      first_loss=dict(tunix=tunix['losses'][0], isdaa=isdaa['losses'][0]),
-      steps=args.steps, warmup=args.warmup, grad_accum=args.grad_accum,
-      versions=dict(tunix=tunix['tunix'], jax=tunix['jax']),
-  )
+  summary = summarize(tunix, results, pairs, args)
   print(json.dumps(summary), flush=True)
 
 

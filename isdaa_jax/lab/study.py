@@ -119,7 +119,8 @@ def run_study(config, workdir) -> dict:
   ref_params = nnx.to_pure_dict(nnx.state(ref_model))
   points = []
   programs = {}
-  for group in groups(config, pairs_path):
+  study_groups = groups(config, pairs_path)
+  for group in study_groups:
     group.config.model.path = str(ref_dir)
     group.config.train.num_steps = num_steps
     programs.setdefault(sweep.program_key(group.config), []).append(group)
@@ -148,7 +149,7 @@ def run_study(config, workdir) -> dict:
                   prompts, ref_samples.tokens, evaluate.content_lengths(ref_samples)))),
               **{f'pairs_{k}': v for k, v in pair_summary.items()},
               steps=num_steps, steps_per_epoch=epoch_steps, seeds=len(lab.seeds),
-              runs=sum(len(g.runs) for g in groups(config, pairs_path)))
+              runs=sum(len(g.runs) for g in study_groups))
   results = dict(meta=meta, points=points, summary=summary_rows,
                  verdict=report.verdict(summary_rows))
   (workdir / 'results.json').write_text(json.dumps(results, indent=1))
