@@ -188,20 +188,36 @@ def parse_args(argv=None):
   p.add_argument('--torch', default='torch==2.13.0', help='pip requirement for torch (CPU)')
   p.add_argument('--skip_trl_precomputed', action='store_true',
                  help="skip TRL's precomputed-reference run")
-  p.add_argument('--grad_accum', type=int, default=1,
-                 help=f'micro-batches per step of {BATCH} pairs, on both sides (TRL: '
-                      'gradient_accumulation_steps; isdaa-jax: optimizer.grad_accum_steps)')
+  add_grad_accum_flag(p, 'TRL: gradient_accumulation_steps')
   p.add_argument('--variants', default='',
                  help='isdaa-jax runs to make, comma-separated (default: all of the --model; '
                       'isdaa and isdaa_fast are always made)')
   p.add_argument('--child', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
-  if args.grad_accum < 1 or BATCH % args.grad_accum:
-    p.error(f'--grad_accum must divide the batch of {BATCH} pairs')
+  check_grad_accum(p, args)
   real = args.model == 'smollm2'
   args.steps = args.steps or (4 if real else 12)
   args.warmup = args.warmup if args.warmup >= 0 else (1 if real else 2)
   return args
+
+
+def add_grad_accum_flag(p: argparse.ArgumentParser, peer: str) -> None:
+  """--grad_accum, shared with compare_tunix; `peer` names the peer's own setting."""
+  p.add_argument('--grad_accum', type=int, default=1,
+                 help=f'micro-batches per step of {BATCH} pairs, on both sides ({peer}; '
+                      'isdaa-jax: optimizer.grad_accum_steps)')
+
+
+def check_grad_accum(p: argparse.ArgumentParser, args) -> None:
+  if args.grad_accum < 1 or BATCH % args.grad_accum:
+    p.error(f'--grad_accum must divide the batch of {BATCH} pairs')
+
+
+def with_grad_accum(overrides: dict, grad_accum: int) -> dict:
+  """An isdaa-jax variant's overrides, stepping over `grad_accum` micro-batches."""
+  if grad_accum == 1:
+    return overrides
+  return dict(overrides, **{'optimizer.grad_accum_steps': grad_accum})
 
 
 def log(msg: str):
@@ -337,8 +353,7 @@ def main(argv=None):
     for name, overrides in variants.items():
       if args.variants and name not in chosen:
         continue
-      if args.grad_accum > 1:
-        overrides = dict(overrides, **{'optimizer.grad_accum_steps': args.grad_accum})
+      overrides = with_grad_accum(overrides, args.grad_accum)
       log(f'{name} {overrides} ...')
       results[name] = run_isdaa(name, overrides, spec, workdir)
       print(json.dumps(results[name]), flush=True)

@@ -143,9 +143,7 @@ _TUNIX_DRIVER = textwrap.dedent('''\
         start = time.perf_counter()
         trainer.train(batches())
     ends = [start] + timer.ends
-    w, n = spec['warmup'], spec['steps']
     out = dict(tunix=getattr(tunix, '__version__', 'unknown'), jax=jax.__version__,
-               seconds=ends[w + n] - ends[w],
                step_seconds=[b - a for a, b in zip(ends, ends[1:])], losses=timer.losses,
                first_step_s=ends[1] - ends[0], prompt_length=P, response_length=R,
                peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -168,17 +166,14 @@ def parse_args(argv=None):
   p.add_argument('--tunix', default='google-tunix==0.1.7', help='pip requirement for Tunix')
   p.add_argument('--jax', default='jax==0.10.2 flax==0.12.8',
                  help="pip requirements pinning Tunix's jax and flax (isdaa-jax's pair)")
-  p.add_argument('--grad_accum', type=int, default=1,
-                 help='micro-batches per step of 8 pairs, on both sides (Tunix: '
-                      'gradient_accumulation_steps; isdaa-jax: optimizer.grad_accum_steps); '
-                      'the SmolLM2 workload fits Tunix in 24 GiB only with 4')
+  # The SmolLM2 workload fits Tunix in 24 GiB only with 4.
+  compare_trl.add_grad_accum_flag(p, 'Tunix: gradient_accumulation_steps')
   p.add_argument('--variants', default='isdaa,isdaa_precomputed,isdaa_fast',
                  help="isdaa-jax runs, from compare_trl's variants of the --model")
   args = p.parse_args(argv)
   if args.steps is not None and args.steps < 2:
     p.error("--steps must be at least 2: Tunix's last step is not timed whole (see summarize)")
-  if args.grad_accum < 1 or compare_trl.BATCH % args.grad_accum:
-    p.error(f'--grad_accum must divide the batch of {compare_trl.BATCH} pairs')
+  compare_trl.check_grad_accum(p, args)
   real = args.model == 'smollm2'
   if args.steps is None:
     args.steps = 4 if real else 12
@@ -299,8 +294,7 @@ def main(argv=None):
     results = {}
     for name in names:
       compare_trl.log(f'{name} {variants[name]} ...')
-      overrides = dict(variants[name], **({'optimizer.grad_accum_steps': args.grad_accum}
-                                          if args.grad_accum > 1 else {}))
+      overrides = compare_trl.with_grad_accum(variants[name], args.grad_accum)
       results[name] = compare_trl.run_isdaa(name, overrides, spec, workdir)
       print(json.dumps(results[name]), flush=True)
 
