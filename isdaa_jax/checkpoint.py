@@ -145,9 +145,9 @@ class Checkpointer:
         import grain  # pylint: disable=g-import-not-at-top
         args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        with _reads_of(self.directory / str(step)):
+          restored = self._manager.restore(step, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
-        _quiet_abandoned_reads(self.directory / str(step))
         first_error = first_error or f'step {step}: {type(e).__name__}: {_first_line(e)}'
         unreadable.append((step, f'{type(e).__name__}: {_first_line(e)}'))
         continue
@@ -169,8 +169,9 @@ class Checkpointer:
     if not self._base:
       return
     try:
-      saved = self._manager.restore(step, args=ocp.args.Composite(
-          base=ocp.args.JsonRestore()))['base']['fingerprint']
+      with _reads_of(self.directory / str(step)):
+        saved = self._manager.restore(step, args=ocp.args.Composite(
+            base=ocp.args.JsonRestore()))['base']['fingerprint']
     except Exception:  # pylint: disable=broad-except
       return  # unreadable: restore_latest sets it aside like any damaged checkpoint
     if saved != self._base:
@@ -202,7 +203,8 @@ class Checkpointer:
     self._manager.close()
 
 
-# The step directories whose restore failed in this process: debris naming one is dropped.
+# The step directories being read or whose restore failed in this process: debris naming one
+# is dropped.
 _FAILED_READS: set[str] = set()
 
 
@@ -244,15 +246,31 @@ class _DropAbandonedReads(std_logging.Filter):
     return True
 
 
-def _quiet_abandoned_reads(step_dir: pathlib.Path):
-  """Drops the debris of step_dir's failed restore (see `_is_abandoned_read`); everything else
-  still prints.
+@contextlib.contextmanager
+def _reads_of(step_dir: pathlib.Path):
+  """Restores step_dir with the debris of a failed read dropped (see `_is_abandoned_read`).
 
-  Installed for the rest of the process, since the debris can surface at any later collection,
-  TensorStore callback or turn of the event loop.
+  The filters go in before the restore, not once it has failed: TensorStore's callbacks run on
+  its own threads and may print into the closed loop before the failure even reaches us (CI
+  printed them ahead of the warning). They stay for the rest of the process, since the debris can
+  surface at any later collection, callback or turn of the event loop; a step that restores
+  leaves no debris, so its directory is forgotten again.
   """
+  _drop_abandoned_reads()
   # Orbax may name the directory through its resolved path (a symlinked workdir).
-  _FAILED_READS.update({str(step_dir), str(step_dir.resolve())})
+  names = {str(step_dir), str(step_dir.resolve())} - _FAILED_READS
+  _FAILED_READS.update(names)
+  try:
+    yield
+  except Exception:
+    gc.collect()  # The abandoned coroutines surface now, not in the middle of training output.
+    raise
+  _FAILED_READS.difference_update(names)
+
+
+def _drop_abandoned_reads():
+  """Installs, once per process, the filters on the three channels the debris prints through;
+  everything they do not match still prints."""
   if not getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
     previous_unraisable = sys.unraisablehook
 
@@ -278,7 +296,6 @@ def _quiet_abandoned_reads(step_dir: pathlib.Path):
   asyncio_logger = std_logging.getLogger('asyncio')
   if not any(getattr(f, 'drops_abandoned_reads', False) for f in asyncio_logger.filters):
     asyncio_logger.addFilter(_DropAbandonedReads())
-  gc.collect()  # The abandoned coroutines surface now, not in the middle of training output.
 
 
 def _first_line(e: Exception) -> str:
