@@ -3,8 +3,8 @@
 Run (full study, 365 runs in 3 vectorized programs; 13 min 0 s wall on the idle 2-core machine,
 2026-12-03):
   python -m isdaa_jax.lab --config=configs/lab.py --workdir=runs/lab
-Quick mode (30 runs; 1 min 44 s wall, 136 s user CPU on the same machine; the README's first
-command):
+Quick mode (30 runs; 1 min 4 s wall, 75 s user CPU on the idle 2-core machine, 2026-12-07; the
+README's first command):
   python -m isdaa_jax.lab --config=configs/lab.py:quick --workdir=runs/lab-quick
 
 Produces in the workdir: `reference/` (the SFT reference policy, Hugging Face format),
