@@ -134,6 +134,24 @@ def test_fsdp_reduce_scatters_gradients_of_large_matrices():
   assert norms <= b['all-reduce'] < norms + 4096
 
 
+@pytest.mark.parametrize('tied', [True, False])
+def test_vocabulary_head_gradient_is_reduce_scattered_at_llama3_vocab(tied):
+  """Issue 14: at Llama 3's vocabulary (128256) libtpu all-reduced the whole gradient of the
+  vocabulary head (the tied embedding, or lm_head) when log-probs cast and gathered it as [D, V]
+  (here 4 V D bytes; 0.49 GiB bf16 for Llama-3.2-1B on v5p-8). Now every matrix's gradient is
+  reduce-scattered to its shard; the input embedding's lookup needs no reduction at all (its
+  rows' gradients come by all-to-all), so untied, lm_head is the one vocabulary-sized shard."""
+  v, d = 128256, 1024
+  config = _tiny(model__hidden_size=d, model__intermediate_size=2048, model__vocab_size=v,
+                 model__head_dim=64, model__num_layers=1, model__tie_word_embeddings=tied)
+  got = plan.compile_plan(config, tpu_chips.parse('v5p:2x2x1'))
+  b = got['collective_bytes_per_chip']
+  norms = 4 * d * 3
+  untied_embed = 0 if tied else 4 * v * d
+  assert norms <= b['all-reduce'] < norms + 4096
+  assert b['reduce-scatter'] == (_param_bytes(config) - norms - untied_embed) / 4
+
+
 def test_find_batch_returns_the_largest_micro_batch_that_fits(single, monkeypatch):
   # A budget of exactly the 2-pair-per-device step (the fixture's): 2 fits, 3 does not.
   budget = single['per_chip_bytes']['total']

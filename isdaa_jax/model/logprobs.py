@@ -15,12 +15,18 @@ def _chunk_logps(hidden_BCD, unembed_DV, targets_BC):
   b, c, d = hidden_BCD.shape
   dt = hidden_BCD.dtype
   h_MD = hidden_BCD.reshape(b * c, d)
-  w_DV = unembed_DV.astype(dt)
-  logits_MV = jnp.einsum('md,dv->mv', h_MD, w_DV, preferred_element_type=jnp.float32)
-  # The target logit as a dot with the target's unembedding column, not a gather from the
-  # logits: the gather's backward would scatter into a dense [M, V] zero array.
-  w_target_DM = jnp.take(w_DV, targets_BC.reshape(b * c), axis=1)
-  target_logit_M = jnp.einsum('md,dm->m', h_MD, w_target_DM, preferred_element_type=jnp.float32)
+  # The cast and the target gather act on the head as [V, D] (the embedding's orientation), so
+  # its gradient is summed and cast as [V, D]: libtpu then reduce-scatters it to each device's
+  # fsdp shard (D). Cast and gathered as [D, V], it all-reduced the whole [D, V] gradient on
+  # 4-chip v5p slices for Llama 3's V = 128256 (isdaa_jax.plan; a sharding constraint on the
+  # head did not help). The logits keep the 'md,dv' contraction: 'md,vd' also reduce-scatters
+  # but makes the CPU backward slower (1.25x in bfloat16).
+  w_VD = unembed_DV.T.astype(dt)
+  logits_MV = jnp.einsum('md,dv->mv', h_MD, w_VD.T, preferred_element_type=jnp.float32)
+  # The target logit as a dot with the target's unembedding row, not a gather from the logits:
+  # the gather's backward would scatter into a dense [M, V] zero array.
+  w_target_MD = jnp.take(w_VD, targets_BC.reshape(b * c), axis=0)
+  target_logit_M = jnp.einsum('md,md->m', h_MD, w_target_MD, preferred_element_type=jnp.float32)
   return (target_logit_M - jax.nn.logsumexp(logits_MV, axis=-1)).reshape(b, c)
 
 
