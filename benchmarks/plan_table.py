@@ -55,8 +55,8 @@ def _gib(x, digits: int = 1) -> str:
 
 
 def markdown(rows) -> str:
-  """The table: per-chip GiB, roofline pairs/s, compile seconds, collective GiB per chip (result
-  bytes, a loop body once: with scan_layers one layer's, plus what is outside the loop)."""
+  """The table: per-chip GiB, roofline pairs/s, compile seconds, collective GiB per chip and step
+  (result bytes; each loop body times its trip count)."""
   lines = ['| model | slice | reference | LoRA | pairs | HBM/chip used (GiB) | fits | params+opt '
            '| XLA temp | roofline pairs/s | all-gather | all-reduce | reduce-scatter | compile s |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']

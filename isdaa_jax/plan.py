@@ -16,10 +16,13 @@ processes and per-host batch; model FLOPs per step (6N per token for the policy,
 in-step reference, plus attention scores; rematerialization not counted) and XLA's count when the
 compiled step has no loop (XLA counts a loop body once: scan_layers, grad_accum_steps > 1,
 chunked log-probs); a roofline lower bound on step time and the pairs/s and MFU it implies;
-collective bytes by kind from the compiled HLO; parameters the sharding rules meant to shard that
+collective bytes by kind per step from the compiled HLO (each loop body times its trip count);
+parameters the sharding rules meant to shard that
 stayed replicated.
 """
 
+import collections
+import functools
 import importlib.util
 import json
 import math
@@ -48,6 +51,14 @@ _COMPUTATION_RE = re.compile(r'^(?:ENTRY\s+)?%(\S+)\s+\(.*\)\s+->\s+(.*)\s+\{$')
 # the full array and a dynamic-slice of the device's shard (the emitter runs it as one
 # reduce-scatter); its all-reduce counts as a reduce-scatter of the fusion's result.
 _REDUCE_SCATTER_FUSION = 'all-reduce-scatter'
+# `while(%init), condition=%c, body=%b`; the computations other ops call (fusions, reducers,
+# conditional branches).
+_WHILE_RE = re.compile(r'\swhile\(.*?condition=%([\w.\-]+),\s*body=%([\w.\-]+)')
+_CALLS_RE = re.compile(r'(?:calls|to_apply)=%([\w.\-]+)|'
+                       r'(?:branch_computations|called_computations)=\{([^}]*)\}')
+# A loop condition's integer constant, and its root `compare(%counter, %limit), direction=LT`.
+_INT_CONSTANT_RE = re.compile(r'%([\w.\-]+)\s*=\s*[su](?:32|64)\[\]\S*\s+constant\((\d+)\)')
+_LESS_THAN_ROOT_RE = re.compile(r'ROOT\s.*compare\(%[\w.\-]+,\s*%([\w.\-]+)\),\s*direction=LT')
 
 
 class PlanError(UserError):
@@ -103,23 +114,74 @@ def _shape_bytes(text: str) -> int:
              for dtype, dims in _SHAPE_RE.findall(text))
 
 
-def collective_bytes(hlo_text: str) -> dict:
-  """Result bytes per device of each collective kind in compiled HLO text (a loop body once)."""
-  out = dict.fromkeys(COLLECTIVES, 0)
-  scatter_result = None  # the result bytes of the all-reduce-scatter fusion being read
+def _computations(hlo_text: str) -> tuple[dict, str]:
+  """(name -> (result shape text, body lines), the ENTRY computation's name) of HLO text."""
+  comps, entry, current = {}, '', None
   for line in hlo_text.splitlines():
     header = _COMPUTATION_RE.match(line)
     if header:
-      name, result = header.groups()
-      scatter_result = (_shape_bytes(result) if name.startswith(_REDUCE_SCATTER_FUSION)
-                        else None)
-      continue
-    for result, kind, _ in _OP_RE.findall(line):
-      if kind == 'all-reduce' and scatter_result is not None:
-        out['reduce-scatter'] += scatter_result
-      else:
-        out[kind] += _shape_bytes(result)
-  return out
+      current = header.group(1)
+      comps[current] = (header.group(2), [])
+      entry = current if line.startswith('ENTRY') else entry
+    elif current is not None and line.startswith(' '):
+      comps[current][1].append(line)
+  return comps, entry
+
+
+def _trip_count(condition_lines: list) -> int | None:
+  """The trip count of a loop whose condition is `counter < constant` (how JAX's scan, map and
+  fori_loop lower: the counter starts at 0 and steps by 1); None for any other condition."""
+  constants = dict(_INT_CONSTANT_RE.findall('\n'.join(condition_lines)))
+  for line in condition_lines:
+    root = _LESS_THAN_ROOT_RE.search(line)
+    if root and root.group(1) in constants:
+      return int(constants[root.group(1)])
+  return None
+
+
+def _executions(comps: dict, entry: str) -> tuple[dict, int]:
+  """(name -> times a computation runs per execution of `entry`, loops of unknown trip count).
+
+  A while body runs its trip count per execution of the loop; every other called computation
+  (fusions, reducers, branches: counted as if each ran) once per execution of its caller. A loop
+  whose count is unknown counts once."""
+  callers = collections.defaultdict(list)  # callee -> [(caller, times per caller execution)]
+  unknown = 0
+  for name, (_, lines) in comps.items():
+    for line in lines:
+      loop = _WHILE_RE.search(line)
+      if loop:
+        trips = _trip_count(comps.get(loop.group(1), ('', []))[1])
+        unknown += trips is None
+        callers[loop.group(2)].append((name, 1 if trips is None else trips))
+        continue
+      for single, group in _CALLS_RE.findall(line):
+        for callee in ([single] if single else re.findall(r'%([\w.\-]+)', group)):
+          callers[callee].append((name, 1))
+
+  @functools.cache
+  def runs(name: str) -> int:
+    return 1 if name == entry else sum(runs(c) * k for c, k in callers[name])
+
+  return {name: runs(name) for name in comps}, unknown
+
+
+def collective_bytes(hlo_text: str) -> tuple[dict, int]:
+  """(result bytes per device and step of each collective kind in compiled HLO text, loops whose
+  trip count was not read and whose collectives therefore count once per loop)."""
+  comps, entry = _computations(hlo_text)
+  runs, unknown = _executions(comps, entry)
+  out = dict.fromkeys(COLLECTIVES, 0)
+  for name, (result, lines) in comps.items():
+    # The all-reduce inside libtpu's all-reduce-scatter fusion is the shard's reduce-scatter.
+    scatter_result = _shape_bytes(result) if name.startswith(_REDUCE_SCATTER_FUSION) else None
+    for line in lines:
+      for shape, kind, _ in _OP_RE.findall(line):
+        if kind == 'all-reduce' and scatter_result is not None:
+          out['reduce-scatter'] += scatter_result * runs[name]
+        else:
+          out[kind] += _shape_bytes(shape) * runs[name]
+  return out, unknown
 
 
 def unsharded_params(model_cfg, mesh) -> list:
@@ -184,6 +246,7 @@ def compile_plan(config, slice_: tpu_chips.Slice, hbm_bytes: int = 0) -> dict:
   rows = step.layout.row_tokens(batch) // row_len
   flops = model_flops(run_setup.model_cfg, step.reference, rows, row_len)
   has_loop = bool(re.search(r'\swhile\(', hlo))
+  collectives, loops_counted_once = collective_bytes(hlo)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   xla_flops = None if has_loop else float(cost['flops']) * len(devices)
@@ -215,9 +278,8 @@ def compile_plan(config, slice_: tpu_chips.Slice, hbm_bytes: int = 0) -> dict:
       'roofline_compute_s': compute_s, 'roofline_memory_s': memory_s,
       'roofline_step_s': step_s, 'roofline_pairs_per_s': batch_size / step_s,
       'roofline_mfu': flops / (step_s * slice_.num_chips * slice_.chip.peak_flops),
-      'collective_bytes_per_chip': {k: v * devices_per_chip
-                                    for k, v in collective_bytes(hlo).items()},
-      'collectives_loops_counted_once': has_loop,
+      'collective_bytes_per_chip': {k: v * devices_per_chip for k, v in collectives.items()},
+      'collective_loops_counted_once': loops_counted_once,
       'replicated_params': unsharded_params(run_setup.model_cfg, mesh),
   }
 
@@ -276,7 +338,8 @@ def format_table(plan: dict) -> str:
       ('roofline pairs/s, MFU', f"{plan['roofline_pairs_per_s']:.1f}, "
                                 f"{plan['roofline_mfu']:.2f}"),
       ('collectives per chip', ', '.join(f'{k} {_gib(v)}' for k, v in b.items() if v)
-       + (' (loop bodies counted once)' if plan['collectives_loops_counted_once'] else '')),
+       + (f" ({plan['collective_loops_counted_once']} loops of unread trip count counted once)"
+          if plan['collective_loops_counted_once'] else '')),
       ('replicated params', '; '.join(plan['replicated_params']) or 'none'),
   ]
   width = max(len(k) for k, _ in rows)

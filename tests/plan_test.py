@@ -44,6 +44,12 @@ def _param_bytes(config) -> int:
   return 4 * LlamaConfig.from_model_config(config.model).num_params()
 
 
+def _chunks(config) -> int:
+  # Log-prob chunks of the longest row: the loop that gathers the vocabulary head and reduces its
+  # gradient once per chunk.
+  return -(-config.data.max_length // config.model.logprob_chunk_size)
+
+
 def _batch_bytes(pairs: int, row_len: int) -> int:
   # Padded layout: 5 int32 [pairs, row_len] arrays per side.
   return 2 * 5 * 4 * pairs * row_len
@@ -89,8 +95,70 @@ def test_collective_bytes_from_hlo_text():
       '}'])
   got = plan.collective_bytes(hlo)
   # The all-reduce inside libtpu's all-reduce-scatter fusion is the shard's reduce-scatter.
-  assert got == {'all-gather': 4 * 1024 * 2, 'reduce-scatter': 64 * 512 * 4,
-                 'all-reduce': 8 * 4 + 4 * 4, 'all-to-all': 0, 'collective-permute': 16 * 4}
+  assert got == ({'all-gather': 4 * 1024 * 2, 'reduce-scatter': 64 * 512 * 4,
+                  'all-reduce': 8 * 4 + 4 * 4, 'all-to-all': 0, 'collective-permute': 16 * 4}, 0)
+
+
+def test_collective_bytes_count_each_loop_body_times_its_trip_count():
+  hlo = '\n'.join([
+      '%cond.1 (p.1: (s32[], f32[8])) -> pred[] {',
+      '  %limit = s32[]{:T(128)} constant(5)',
+      '  %p.1 = (s32[]{:T(128)}, f32[8]{0}) parameter(0)',
+      '  %i = s32[]{:T(128)} get-tuple-element(%p.1), index=0',
+      '  ROOT %lt = pred[]{:T(512)} compare(%i, %limit), direction=LT, metadata={op_name="lt"}',
+      '}',
+      '%inner_cond (p.2: (s32[], f32[8])) -> pred[] {',
+      '  %n = s32[] constant(3)',
+      '  ROOT %lt.2 = pred[] compare(%j, %n), direction=LT',
+      '}',
+      '%inner_body (p.3: (s32[], f32[8])) -> (s32[], f32[8]) {',
+      '  %ag.2 = f32[16]{0} all-gather(%x), dimensions={0}',
+      '  ROOT %t.2 = (s32[], f32[8]) tuple(%j, %x)',
+      '}',
+      '%body.1 (p.4: (s32[], f32[8])) -> (s32[], f32[8]) {',
+      '  %ag.1 = bf16[4,1024]{1,0} all-gather(%w), dimensions={0}',
+      '  %w.2 = (s32[], f32[8]) while(%t.0), condition=%inner_cond, body=%inner_body',
+      '  %f = f32[8]{0} fusion(%ag.1), kind=kLoop, calls=%fused.1',
+      '  ROOT %t.1 = (s32[], f32[8]) tuple(%i, %f)',
+      '}',
+      '%fused.1 (q: bf16[4,1024]) -> f32[8] {',
+      '  ROOT %ar.1 = f32[8]{0} all-reduce(%q), to_apply=%add',
+      '}',
+      '%odd_cond (p.5: (s32[], f32[8])) -> pred[] {',
+      '  ROOT %ne = pred[] compare(%i, %k), direction=NE',
+      '}',
+      '%odd_body (p.6: (s32[], f32[8])) -> (s32[], f32[8]) {',
+      '  %cp = f32[4]{0} collective-permute(%y)',
+      '}',
+      'ENTRY %main (p.0: f32[8]) -> f32[8] {',
+      '  %loop = (s32[]{:T(128)}, f32[8]{0}) while(%init), condition=%cond.1, body=%body.1, '
+      'metadata={op_name="while"}',
+      '  %odd = (s32[], f32[8]) while(%init), condition=%odd_cond, body=%odd_body',
+      '  ROOT %ar.0 = f32[8]{0} all-reduce(%p.0), to_apply=%add',
+      '}'])
+  got, unread = plan.collective_bytes(hlo)
+  # The outer body runs 5 times, the inner body 5 x 3, the fusion called from the outer body 5;
+  # the loop whose condition is not `counter < constant` counts once and is reported.
+  assert got['all-gather'] == 5 * 4 * 1024 * 2 + 15 * 16 * 4
+  assert got['all-reduce'] == 5 * 8 * 4 + 8 * 4
+  assert got['collective-permute'] == 4 * 4
+  assert unread == 1
+
+
+def test_scanned_layers_count_the_collectives_of_the_unrolled_model():
+  """Collectives per step: with scan_layers the layer loop's body (and the chunked log-probs'
+  loop) run once per layer (chunk), so the scanned step moves what the unrolled one does (before
+  the trip counts, the scanned count was 38% of the unrolled one here)."""
+  got = {}
+  for scan in (False, True):
+    config = _tiny(model__scan_layers=scan, model__num_layers=3, model__hidden_size=256,
+                   model__intermediate_size=512, model__head_dim=64, model__logprob_chunk_size=16)
+    got[scan] = plan.compile_plan(config, tpu_chips.parse('v5p:2x2x1'))
+    assert got[scan]['collective_loops_counted_once'] == 0
+  unrolled, scanned = (got[s]['collective_bytes_per_chip'] for s in (False, True))
+  for kind in ('all-gather', 'reduce-scatter', 'all-reduce'):
+    assert unrolled[kind] > 0
+    assert abs(scanned[kind] - unrolled[kind]) <= 0.05 * unrolled[kind], kind
 
 
 def test_single_host_shards_params_and_batch(single):
@@ -113,10 +181,12 @@ def test_single_host_shards_params_and_batch(single):
                                           single['roofline_memory_s'])
   assert math.isclose(single['roofline_pairs_per_s'], 8 / single['roofline_step_s'])
   # FSDP: the weights are gathered for each device's own rows. At this size XLA all-reduces
-  # the gradients (one combined all-reduce; plus the embedding's scatter-add and scalars):
-  # 1.14x the full parameter bytes here; before `llama.rows_over_data` XLA kept the weights in
-  # place and all-reduced replicated activations, 37x the parameter bytes on this tiny model.
-  assert single['collective_bytes_per_chip']['all-reduce'] <= 1.25 * 4 * c['params']
+  # the gradients (one combined all-reduce, the vocabulary head's once per log-prob chunk, and
+  # scalars): 1.09x those bytes here; before `llama.rows_over_data` XLA kept the weights in place
+  # and all-reduced replicated activations, 37x the parameter bytes on this tiny model.
+  head = 4 * config.model.vocab_size * config.model.hidden_size
+  assert single['collective_bytes_per_chip']['all-reduce'] <= 1.25 * (
+      4 * c['params'] + (_chunks(config) - 1) * head)
   assert single['collective_bytes_per_chip']['all-gather'] >= 4 * c['params']
 
 
@@ -124,14 +194,18 @@ def test_fsdp_reduce_scatters_gradients_of_large_matrices():
   """At hidden size 1024 XLA reduce-scatters every matrix's gradient to its fsdp shard (libtpu
   writes it as an all-reduce-scatter fusion): one shard's bytes of each, and only the norm
   scales' gradients and scalars stay all-reduced. (At hidden 32-256 it all-reduces the smaller
-  ones instead, combined into one op.)"""
+  ones instead, combined into one op.) The tied vocabulary head's gradient is reduced inside the
+  log-prob chunk loop, so once per chunk."""
   config = _tiny(model__hidden_size=1024, model__intermediate_size=2048, model__vocab_size=2048,
                  model__head_dim=64, model__num_layers=1)
   got = plan.compile_plan(config, tpu_chips.parse('v5p:2x2x1'))
   b = got['collective_bytes_per_chip']
   norms = 4 * 1024 * (2 * 1 + 1)  # float32 [hidden] scales: two per layer and the final one
-  assert b['reduce-scatter'] == (_param_bytes(config) - norms) / 4
-  assert norms <= b['all-reduce'] < norms + 4096
+  chunks = _chunks(config)
+  head_shard = 2048 * 1024  # float32 [V, D] over 4 chips
+  assert b['reduce-scatter'] == (_param_bytes(config) - norms) / 4 + (chunks - 1) * head_shard
+  # Plus each chunk's few int32 index all-reduces of the head's row gather.
+  assert norms <= b['all-reduce'] < norms + chunks * 4096
 
 
 @pytest.mark.parametrize('tied', [True, False])
@@ -148,8 +222,11 @@ def test_vocabulary_head_gradient_is_reduce_scattered_at_llama3_vocab(tied):
   b = got['collective_bytes_per_chip']
   norms = 4 * d * 3
   untied_embed = 0 if tied else 4 * v * d
-  assert norms <= b['all-reduce'] < norms + 4096
-  assert b['reduce-scatter'] == (_param_bytes(config) - norms - untied_embed) / 4
+  chunks = _chunks(config)
+  assert norms <= b['all-reduce'] < norms + chunks * 4096
+  # The head's shard (4 V D / 4 bytes) is reduce-scattered once per log-prob chunk.
+  assert b['reduce-scatter'] == ((_param_bytes(config) - norms - untied_embed) / 4
+                                 + (chunks - 1) * v * d)
 
 
 def test_find_batch_returns_the_largest_micro_batch_that_fits(single, monkeypatch):
