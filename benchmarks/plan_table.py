@@ -58,8 +58,9 @@ def markdown(rows) -> str:
   """The table: per-chip GiB, roofline pairs/s, compile seconds, collective GiB per chip and step
   (result bytes; each loop body times its trip count)."""
   lines = ['| model | slice | reference | LoRA | pairs | HBM/chip used (GiB) | fits | params+opt '
-           '| XLA temp | roofline pairs/s | all-gather | all-reduce | reduce-scatter | compile s |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '| XLA temp | roofline pairs/s | all-gather | all-reduce | reduce-scatter '
+           '| collective-permute | compile s |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     c, b = r['per_chip_bytes'], r['collective_bytes_per_chip']
     lines.append(
@@ -68,7 +69,8 @@ def markdown(rows) -> str:
         f"| {_gib(c['total'])} of {_gib(r['hbm_bytes_per_chip'])} "
         f"| {'yes' if r['fits'] else 'no'} | {_gib(c['params'] + c['optimizer'])} "
         f"| {_gib(c['temp'])} | {r['roofline_pairs_per_s']:.1f} | {_gib(b['all-gather'], 2)} "
-        f"| {_gib(b['all-reduce'], 2)} | {_gib(b['reduce-scatter'], 2)} | {r['compile_s']:.0f} |")
+        f"| {_gib(b['all-reduce'], 2)} | {_gib(b['reduce-scatter'], 2)} "
+        f"| {_gib(b['collective-permute'], 2)} | {r['compile_s']:.0f} |")
   return '\n'.join(lines)
 
 
