@@ -17,8 +17,7 @@ in-step reference, plus attention scores; rematerialization not counted) and XLA
 compiled step has no loop (XLA counts a loop body once: scan_layers, grad_accum_steps > 1,
 chunked log-probs); a roofline lower bound on step time and the pairs/s and MFU it implies;
 collective bytes by kind per step from the compiled HLO (each loop body times its trip count);
-parameters the sharding rules meant to shard that
-stayed replicated.
+parameters the sharding rules meant to shard that stayed replicated.
 """
 
 import collections
@@ -337,7 +336,7 @@ def format_table(plan: dict) -> str:
                         f"{plan['roofline_memory_s'] * 1e3:.1f} ms)"),
       ('roofline pairs/s, MFU', f"{plan['roofline_pairs_per_s']:.1f}, "
                                 f"{plan['roofline_mfu']:.2f}"),
-      ('collectives per chip', ', '.join(f'{k} {_gib(v)}' for k, v in b.items() if v)
+      ('collectives per chip and step', ', '.join(f'{k} {_gib(v)}' for k, v in b.items() if v)
        + (f" ({plan['collective_loops_counted_once']} loops of unread trip count counted once)"
           if plan['collective_loops_counted_once'] else '')),
       ('replicated params', '; '.join(plan['replicated_params']) or 'none'),
