@@ -1,9 +1,9 @@
 """The over-optimization lab: DAAs with and without importance weighting on a known gold reward.
 
-Run (full study, 365 runs in 3 vectorized programs; 13 min 0 s wall on the idle 2-core machine,
-2026-12-03):
+Run (full study, 365 runs in 3 vectorized programs; 7 min 20 s wall on the idle 2-core machine,
+2026-12-07):
   python -m isdaa_jax.lab --config=configs/lab.py --workdir=runs/lab
-Quick mode (30 runs; 1 min 4 s wall, 75 s user CPU on the idle 2-core machine, 2026-12-07; the
+Quick mode (30 runs; 57 s wall, 74 s user CPU on the idle 2-core machine, 2026-12-07; the
 README's first command):
   python -m isdaa_jax.lab --config=configs/lab.py:quick --workdir=runs/lab-quick
 

@@ -42,19 +42,20 @@ FAST = os.environ.get('ISDAA_NOTEBOOK_FAST') == '1'
 plt.rcParams.update({'figure.dpi': 60 if FAST else 100, 'axes.grid': True, 'grid.alpha': 0.3})
 
 # %% [markdown]
-# ## What the full study found (2026-12-03)
+# ## What the full study found (2026-12-07)
 #
-# `python -m isdaa_jax.lab --config=configs/lab.py --workdir=runs/lab` (365 runs, 13 min on the
+# `python -m isdaa_jax.lab --config=configs/lab.py --workdir=runs/lab` (365 runs, 7 min 20 s on the
 # idle 2-core machine; set `ISDAA_LAB_DIR=runs/lab` to draw it here), 5 seeds paired by seed:
 # - the weight changed final gold significantly in 0 of 25 (method, beta) settings, lowered peak
 #   gold in 4 (DPO 0.5, hinge 0.5, IPO 0.05 and 0.1) and raised it in none: at low regularization,
 #   where the IS-DAA paper places its benefit, it helped in 0 of 5 methods;
 # - over-optimization within one epoch is reproduced: without the weight 22 of 25 settings fell by
-#   more than 0.03 gold from their peak, which came at 0.73 of the epoch on average;
-# - AlphaPO at beta 2.5: the chosen log-prob change is -0.93 at alpha 0 (SimPO), -0.49 at 0.25,
+#   more than 0.03 gold from their peak, which came at 0.74 of the epoch on average;
+# - AlphaPO at beta 2.5: the chosen log-prob change is -0.92 at alpha 0 (SimPO), -0.49 at 0.25,
 #   -0.35 at 0.5 and -0.30 at 1 (less displacement with larger alpha, as AlphaPO claims);
 # - the ablations (token-mean ratio, lower clip, self-normalization; not in the paper) raise the
-#   ESS (token mean: 61-64 of 64) but change no verdict.
+#   ESS (token mean: 61-64 of 64); only the token-mean ratio changes a verdict, IPO's at its lowest
+#   beta and barely (+0.011 ± 0.011 final gold).
 #
 # The quick mode (the default folder below) is a 30-run subset: the lowest beta, 3 seeds.
 
