@@ -278,6 +278,11 @@ def isdaa_config(model_dir: pathlib.Path, overrides: dict, data=None):
   o.learning_rate, o.warmup_steps, o.min_lr_ratio = LEARNING_RATE, 0, 1.0  # constant, as TRL
   o.b1, o.b2, o.weight_decay, o.grad_clip_norm = 0.9, 0.95, 0.0, 1.0
   config.train.num_steps = 1000
+  # The vocabulary head runs on response positions only, in chunks of batch rows x 32 positions:
+  # finer than the default 128, so the last chunk run holds fewer positions past the responses
+  # (SmolLM2 workload cut to 6 layers: 7.0 s a step at 64, 6.5 s at 32; 12.9 s with the head on
+  # every position, before it skipped any).
+  config.model.logprob_chunk_size = 32
   return config_lib.apply_overrides(config, overrides)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from isdaa_jax import config as config_lib
-from isdaa_jax import defaults, scoring, sharding, throughput, train
+from isdaa_jax import defaults, host_memory, scoring, sharding, throughput, train
 from isdaa_jax import layout as layout_lib
 from isdaa_jax.data import collate, pipeline, prefix
 from isdaa_jax.model.llama import LlamaConfig
@@ -207,13 +207,15 @@ def pair_tokens(pair) -> int:
   return 2 * len(pair['prompt_ids']) + len(pair['chosen_ids']) + len(pair['rejected_ids'])
 
 
-def fixed_shapes(config, pairs, seq_len: int, real_buckets: tuple[int, ...] = ()):
-  """Sets `config.data` so every batch of the run has one shape (one compiled step), as the
-  pipeline would lay it out; returns the collate arguments that fix it.
+def pipeline_shapes(config, pairs, seq_len: int, real_buckets: tuple[int, ...] = ()):
+  """Sets `config.data` so that the run's batches take the shapes the training pipeline gives
+  them; returns the layout and the collate arguments the pipeline passes.
 
   Synthetic pairs (no `real_buckets`): unshared rows of `seq_len`, shared rows padded as much as
   the unshared ones (none at the default --seq_len), packed rows of either length. Real pairs:
-  their buckets, every batch padded to the bucket of the longest pair of the run."""
+  their buckets. As in the pipeline, a padded batch takes the bucket of its longest pair and a
+  packed batch the rows its pairs need, so a run may have several shapes (each compiled before
+  the timed steps)."""
   data = config.data
   if not real_buckets:
     shared_len = (max(map(prefix.shared_length, pairs)) + seq_len
@@ -222,22 +224,24 @@ def fixed_shapes(config, pairs, seq_len: int, real_buckets: tuple[int, ...] = ()
     if data.packing and not data.pack_length:
       data.pack_length = shared_len if data.prefix_sharing else seq_len
   layout = layout_lib.from_config(data)
-  n = config.optimizer.grad_accum_steps
-  batch_pairs = [pairs[i:i + data.batch_size] for i in range(0, len(pairs), data.batch_size)]
-  min_rows = max(layout.num_rows(chunk[i::n]) for chunk in batch_pairs for i in range(n))
-  return layout, dict(micro_batches=n, min_rows=min_rows,
-                      min_length=max(map(layout.group, pairs)))
+  return layout, dict(micro_batches=config.optimizer.grad_accum_steps)
+
+
+def _shape_key(batch) -> tuple:
+  return tuple(sorted((k, v.shape) for k, v in batch.items()))
 
 
 def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matmul_size: int = 0,
               name: str = '', buckets: tuple[int, ...] = ()) -> dict:
   """Trains `warmup + steps` steps on `pairs` (cycled, `config.data.batch_size` a step) and
   measures the last `steps`. Each step collates its pairs on the host, as the pipeline does."""
+  # The host allocator as the entry points set it (distributed.initialize), before JAX starts.
+  host_memory.configure(config.distributed.host_malloc)
   mesh = sharding.make_mesh(config.mesh)
   b = config.data.batch_size
   if len(pairs) % b:
     raise ValueError(f'{len(pairs)} pairs do not split into batches of {b}')
-  layout, shape_args = fixed_shapes(config, pairs, seq_len, buckets)
+  layout, shape_args = pipeline_shapes(config, pairs, seq_len, buckets)
   run_setup = train.setup(config, mesh)
   assert run_setup.step.layout == layout
   model_cfg = run_setup.model_cfg
@@ -256,11 +260,19 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   batch_pairs = [pairs[i:i + b] for i in range(0, len(pairs), b)]
   state = run_setup.init_state(params)
   del params, base
-  first = layout.collate(batch_pairs[0], **shape_args)
-  start = time.perf_counter()
-  step_fn = run_setup.train_step.lower(state, reference,
-                                       sharding.global_batch(first, mesh)).compile()
-  compile_seconds = time.perf_counter() - start
+  # One executable per batch shape, all compiled before the timed steps (as jit would on the
+  # first batch of each shape); the largest shape's is the one analysed.
+  collated = [layout.collate(chunk, **shape_args) for chunk in batch_pairs]
+  first = max(collated, key=layout.row_tokens)
+  step_fns, compile_seconds = {}, []
+  for batch in [first] + collated:
+    if _shape_key(batch) not in step_fns:
+      start = time.perf_counter()
+      step_fns[_shape_key(batch)] = run_setup.train_step.lower(
+          state, reference, sharding.global_batch(batch, mesh)).compile()
+      compile_seconds.append(time.perf_counter() - start)
+  del collated
+  step_fn = step_fns[_shape_key(first)]
   memory = step_fn.memory_analysis()
   cost = step_fn.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -268,15 +280,17 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
   peak_n = peak_matmul_size or (2048 if jax.default_backend() == 'cpu' else 8192)
   compute_dtype = jnp.dtype(model_cfg.compute_dtype)
   peak_before = measure_peak_flops(compute_dtype, peak_n)
-  times, losses, tokens = [], [], []
+  times, losses, tokens, row_tokens = [], [], [], []
   for i in range(warmup + steps):
     chunk = batch_pairs[i % len(batch_pairs)]
     start = time.perf_counter()
     batch = layout.collate(chunk, **shape_args)
-    state, metrics = step_fn(state, reference, sharding.global_batch(batch, mesh))
+    state, metrics = step_fns[_shape_key(batch)](state, reference,
+                                                 sharding.global_batch(batch, mesh))
     losses.append(float(metrics['loss']))  # waits for the step
     times.append(time.perf_counter() - start)
     tokens.append((sum(pair_tokens(p) for p in chunk), int(layout.real_tokens(batch))))
+    row_tokens.append(int(layout.row_tokens(batch)))
   peak_after = measure_peak_flops(compute_dtype, peak_n)
   rows_per_forward = layout.row_tokens(first)
   ceiling = gemm_ceiling_flops(
@@ -299,8 +313,11 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
       matmul_params=n_mm,
       batch_pairs=b,
       layout=type(layout).__name__,
-      # The model's positions per step, padding included (rows x row length).
-      batch_row_tokens=int(layout.row_tokens(first)),
+      # The model's positions per step, padding included (rows x row length), on average over
+      # the timed steps, and of the largest batch shape.
+      batch_row_tokens=float(np.mean(row_tokens[warmup:])),
+      max_batch_row_tokens=int(layout.row_tokens(first)),
+      compiled_shapes=len(step_fns),
       steps=steps,
       pairs_per_s=b * steps / total_s,
       tokens_per_s=float(trl_tokens) / total_s,
@@ -308,7 +325,8 @@ def benchmark(config, pairs, *, seq_len: int, steps: int, warmup: int, peak_matm
       step_s=total_s / steps,
       step_s_median=float(np.median(timed)),
       step_s_min=float(timed.min()),
-      compile_s=compile_seconds,
+      compile_s=compile_seconds[0],  # the largest shape's
+      compile_s_all_shapes=float(sum(compile_seconds)),
       reference_pass_s=reference_seconds,
       model_flops_per_token=flops_per_token,
       model_flops_per_s=model_flops_s,

@@ -9,6 +9,7 @@ combinations.
 import ml_collections
 
 from isdaa_jax import reference
+from isdaa_jax.host_memory import CHOICES as HOST_MALLOC_CHOICES
 from isdaa_jax.data.sources import PARSERS
 from isdaa_jax.errors import UserError
 from isdaa_jax.losses import LOSS_NAMES, REFERENCE_FREE
@@ -214,3 +215,4 @@ def validate(config: ml_collections.ConfigDict):
            'config.train.log_every must be >= 1 (a value above train.num_steps logs only the '
            f'last step), got {config.train.log_every}')
   _choice(config.distributed.initialize, ('auto', 'on', 'off'), 'config.distributed.initialize')
+  _choice(config.distributed.host_malloc, HOST_MALLOC_CHOICES, 'config.distributed.host_malloc')

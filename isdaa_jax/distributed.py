@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 import jax
 from absl import logging
 
+from isdaa_jax import host_memory
 from isdaa_jax.errors import UserError
 
 
@@ -59,8 +60,10 @@ def initialize_kwargs(dist_config, env: Mapping[str, str]) -> Optional[dict]:
 def initialize(dist_config, env: Optional[Mapping[str, str]] = None) -> None:
   """Starts the JAX distributed runtime per `config.distributed` (idempotent).
 
-  Must run before anything touches a JAX device.
+  Must run before anything touches a JAX device: it first sets the host allocator
+  (`host_memory.configure`), which only reaches threads that have not allocated yet.
   """
+  host_memory.configure(dist_config.host_malloc)
   if dist_config.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', dist_config.cpu_collectives)
   kwargs = initialize_kwargs(dist_config, os.environ if env is None else env)

@@ -204,8 +204,9 @@ def test_fsdp_reduce_scatters_gradients_of_large_matrices():
   chunks = _chunks(config)
   head_shard = 2048 * 1024  # float32 [V, D] over 4 chips
   assert b['reduce-scatter'] == (_param_bytes(config) - norms) / 4 + (chunks - 1) * head_shard
-  # Plus each chunk's few int32 index all-reduces of the head's row gather.
-  assert norms <= b['all-reduce'] < norms + chunks * 4096
+  # Plus each chunk's few int32 index all-reduces of the head's row gather (~4.6 KB: positions
+  # of the chunk's sorted rows, `logprobs.masked_token_logps`).
+  assert norms <= b['all-reduce'] < norms + chunks * 8192
 
 
 @pytest.mark.parametrize('tied', [True, False])
@@ -223,15 +224,32 @@ def test_vocabulary_head_gradient_is_reduce_scattered_at_llama3_vocab(tied):
   norms = 4 * d * 3
   untied_embed = 0 if tied else 4 * v * d
   chunks = _chunks(config)
-  assert norms <= b['all-reduce'] < norms + chunks * 4096
+  assert norms <= b['all-reduce'] < norms + chunks * 8192
   # The head's shard (4 V D / 4 bytes) is reduce-scattered once per log-prob chunk.
   assert b['reduce-scatter'] == ((_param_bytes(config) - norms - untied_embed) / 4
                                  + (chunks - 1) * v * d)
 
 
-def test_find_batch_returns_the_largest_micro_batch_that_fits(single, monkeypatch):
-  # A budget of exactly the 2-pair-per-device step (the fixture's): 2 fits, 3 does not.
-  budget = single['per_chip_bytes']['total']
+def test_find_batch_doubles_then_bisects(monkeypatch):
+  """The search, on plans whose fit is given: 1, 2, 4 by doubling, then 3 by bisection."""
+  tried = []
+
+  def fake(config, slice_, hbm_bytes=0):
+    micro = config.data.batch_size // 4  # v5p-8: fsdp over 4 devices, no accumulation
+    tried.append(micro)
+    return {'per_device_micro_batch': micro, 'fits': micro <= 2}
+
+  monkeypatch.setattr(plan, 'compile_plan', fake)
+  best, got = plan.find_batch(_tiny(), tpu_chips.parse('v5p:2x2x1'))
+  assert best == 2 and got == {'per_device_micro_batch': 2, 'fits': True}
+  assert tried == [1, 2, 4, 3]
+
+
+def test_find_batch_returns_a_micro_batch_that_fits_whose_successor_does_not(single, monkeypatch):
+  # Real compiles: a budget 10% above the 2-pair-per-device step's bytes. (At this size the
+  # compiled code and XLA's workspace, not the batch, are most of the bytes and need not grow
+  # with the batch, so the test asserts what the search guarantees, not an exact answer.)
+  budget = int(single['per_chip_bytes']['total'] * 1.1)
   tried = {}
   compile_plan = plan.compile_plan
 
@@ -242,10 +260,9 @@ def test_find_batch_returns_the_largest_micro_batch_that_fits(single, monkeypatc
 
   monkeypatch.setattr(plan, 'compile_plan', recording)
   best, got = plan.find_batch(_tiny(), tpu_chips.parse('v5p:2x2x1'), hbm_bytes=budget)
-  # Doubling 1, 2, 4, then bisecting 3: what fits is exactly what is at most the answer.
-  assert best == 2 and tried == {1: True, 2: True, 4: False, 3: False}
-  assert got['fits'] and got['per_device_micro_batch'] == 2 and got['batch_size'] == 8
-  assert got['per_chip_bytes']['total'] == budget
+  assert best >= 1 and tried[best] and tried[best + 1] is False
+  assert got['fits'] and got['per_device_micro_batch'] == best
+  assert got['per_chip_bytes']['total'] <= budget and got['batch_size'] == 4 * best
 
 
 def test_multi_host_topology_compiles_in_one_process(multi):

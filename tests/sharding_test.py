@@ -108,4 +108,4 @@ def test_sharded_and_unsharded_logits_and_grads_agree():
 def test_model_activation_constraint_uses_the_batch_axes():
   """The model names the data-parallel axes itself (it does not import this module)."""
   from isdaa_jax.model import llama
-  assert llama._BATCH_AXES == sharding.BATCH_AXES
+  assert llama.DATA_PARALLEL_AXES == sharding.BATCH_AXES

@@ -294,7 +294,7 @@ class DecoderLayers(nnx.Module):
 
 # The data-parallel mesh axes (isdaa_jax.sharding.BATCH_AXES; the model does not import the
 # sharding module, which sits above it).
-_BATCH_AXES = ('data', 'fsdp')
+DATA_PARALLEL_AXES = ('data', 'fsdp')
 
 
 def rows_over_data(x: Array) -> Array:
@@ -306,7 +306,7 @@ def rows_over_data(x: Array) -> Array:
   weights for the device's own rows (FSDP). No mesh in context (eager use, sampling): unchanged.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in _BATCH_AXES if a in mesh.axis_names)
+  axes = tuple(a for a in DATA_PARALLEL_AXES if a in mesh.axis_names)
   if mesh.empty or not axes:
     return x
   return jax.lax.with_sharding_constraint(

@@ -2,7 +2,8 @@
 
 The device half of `isdaa_jax.layout`: every function takes a model, a batch in the layout's keys
 (written on the host by `data/collate.py`, `data/prefix.py` or `data/packing.py`, whose module
-docs describe the keys) and the vocabulary chunk of `logprobs.token_logps`, and returns
+docs describe the keys) and the vocabulary chunk of `logprobs.masked_token_logps` (the head runs
+on the response positions only), and returns
 (lp_w, lp_l, n_w, n_l), each float32 [G]: chosen and rejected log-probs summed over response
 tokens, and the token counts.
 """
@@ -53,13 +54,14 @@ def prefix_shared(model, batch: Mapping[str, jax.Array], chunk_size: int):
   hidden_BTD = model(batch['shared_input_ids'], batch['shared_positions'], seg,
                      attention_mask_BTT=shared_attention_mask(seg))
   unembed_DV = model.unembedding()
-  logps_BT = logprobs.token_logps(hidden_BTD, unembed_DV, batch['shared_targets'], chunk_size)
+  chosen = batch['shared_chosen_mask'].astype(jnp.float32)
+  rejected = batch['shared_rejected_mask'].astype(jnp.float32)
+  logps_BT = logprobs.masked_token_logps(hidden_BTD, unembed_DV, batch['shared_targets'],
+                                         (chosen + rejected) > 0, chunk_size)
   # l_0 is predicted by the last prompt token, whose own target slot predicts w_0.
   last_B1D = jnp.take_along_axis(hidden_BTD, batch['shared_prompt_last'][:, None, None], axis=1)
   first_B = logprobs.token_logps(last_B1D, unembed_DV, batch['shared_rejected_first'][:, None],
                                  0)[:, 0]
-  chosen = batch['shared_chosen_mask'].astype(jnp.float32)
-  rejected = batch['shared_rejected_mask'].astype(jnp.float32)
   first_mask = batch['shared_rejected_first_mask'].astype(jnp.float32)
   lp_w = jnp.sum(logps_BT * chosen, axis=-1)
   lp_l = jnp.sum(logps_BT * rejected, axis=-1) + first_B * first_mask
@@ -88,8 +90,11 @@ def packed(model, batch: Mapping[str, jax.Array], chunk_size: int):
   hidden_RTD = model(batch['packed_input_ids'], batch['packed_positions'], seg,
                      attention_mask_BTT=packed_attention_mask(seg, roles))
   unembed_DV = model.unembedding()
-  logps_RT = logprobs.token_logps(hidden_RTD, unembed_DV, batch['packed_targets'], chunk_size)
   g = batch['packed_rejected_first'].shape[0]
+  # Pair index g marks the positions that belong to no pair's response.
+  scored_RT = (batch['packed_chosen_pair'] != g) | (batch['packed_rejected_pair'] != g)
+  logps_RT = logprobs.masked_token_logps(hidden_RTD, unembed_DV, batch['packed_targets'],
+                                         scored_RT, chunk_size)
 
   def per_pair(values, pair_ids):
     # Index g collects the positions that belong to no pair; it is dropped.
