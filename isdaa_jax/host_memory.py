@@ -4,8 +4,10 @@ On the CPU backend each step's temporaries (several GB for a 135M-parameter mode
 are malloc'ed and freed every step. glibc serves blocks that large with fresh mmap()s (from
 per-thread arenas), so every step page-faults them back in and the kernel zeroes them again: for
 SmolLM2-135M 2.3 M page faults and ~15% of the step as system time (perf). One arena that never
-mmaps, never trims and grows in 1 GiB pieces reuses those pages: measured 7-10% faster steps and
-a lower peak RSS (benchmarks/README.md).
+mmaps, never trims and grows in 1 GiB pieces reuses those pages: measured 7-10% faster steps
+(benchmarks/README.md). The heap then stays at its high-water mark: where a step's temporaries
+are small (remat) it gains nothing and raises peak RSS (configs/smollm2_hh.py: 6.4 against 4.0
+GiB), so such configs set 'system'.
 
 The arena setting only reaches threads that allocate for the first time after it, so this runs
 before JAX starts its CPU client (`distributed.initialize` calls it first). Not for accelerators:

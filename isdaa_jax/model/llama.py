@@ -297,6 +297,11 @@ class DecoderLayers(nnx.Module):
 DATA_PARALLEL_AXES = ('data', 'fsdp')
 
 
+def data_parallel_axes(mesh) -> tuple[str, ...]:
+  """The data-parallel axes that `mesh` (concrete or abstract) has."""
+  return tuple(a for a in DATA_PARALLEL_AXES if a in mesh.axis_names)
+
+
 def rows_over_data(x: Array) -> Array:
   """`x` [B, ...] with its rows split over the data-parallel axes of the mesh in context.
 
@@ -306,7 +311,7 @@ def rows_over_data(x: Array) -> Array:
   weights for the device's own rows (FSDP). No mesh in context (eager use, sampling): unchanged.
   """
   mesh = jax.sharding.get_abstract_mesh()
-  axes = tuple(a for a in DATA_PARALLEL_AXES if a in mesh.axis_names)
+  axes = data_parallel_axes(mesh)
   if mesh.empty or not axes:
     return x
   return jax.lax.with_sharding_constraint(

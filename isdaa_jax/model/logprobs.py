@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from isdaa_jax.model.llama import DATA_PARALLEL_AXES
+from isdaa_jax.model.llama import data_parallel_axes
 
 
 def _chunk_logps(hidden_BCD, unembed_DV, targets_BC):
@@ -61,7 +61,7 @@ def _row_groups(rows: int) -> int:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  shards = math.prod(mesh.shape[a] for a in DATA_PARALLEL_AXES if a in mesh.axis_names)
+  shards = math.prod(mesh.shape[a] for a in data_parallel_axes(mesh))
   return math.gcd(rows, shards)
 
 
@@ -108,6 +108,6 @@ def masked_token_logps(hidden_BTD, unembed_DV, targets_BT, mask_BT, chunk_size: 
 
 def sequence_logps(hidden_BTD, unembed_DV, targets_BT, loss_mask_BT, chunk_size: int):
   """Summed log-probs over masked target tokens [B] and the number of those tokens [B]."""
+  # Already 0 off the mask: summed as they are.
   logps_BT = masked_token_logps(hidden_BTD, unembed_DV, targets_BT, loss_mask_BT, chunk_size)
-  mask = loss_mask_BT.astype(jnp.float32)
-  return jnp.sum(logps_BT * mask, axis=-1), jnp.sum(mask, axis=-1)
+  return jnp.sum(logps_BT, axis=-1), jnp.sum(loss_mask_BT.astype(jnp.float32), axis=-1)
